@@ -1,0 +1,88 @@
+"""Every config field with its default. Other configs start from this one and change a few fields.
+
+Override any field from the command line: `--config.model.num_layers=4`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the default config: a small Llama-style model on synthetic data."""
+  config = ml_collections.ConfigDict()
+
+  config.model = model = ml_collections.ConfigDict()
+  model.family = "llama"  # "llama" (RMSNorm, rotary, SwiGLU, no biases) or "gpt2" (LayerNorm, learned positions, GELU, biases)
+  model.vocab_size = 32000  # rows of the token embedding (and columns of the logits)
+  model.num_layers = 12  # Transformer blocks
+  model.embed_dim = 768  # width of the residual stream; head_dim = embed_dim // num_heads
+  model.num_heads = 12  # query heads
+  model.num_kv_heads = 12  # key/value heads; fewer than num_heads is grouped-query attention
+  model.mlp_dim = 3072  # hidden width of the MLP
+  model.max_seq_len = 2048  # longest sequence the model accepts (size of GPT-2's position table)
+  model.rope_theta = 10000.0  # rotary base frequency (llama family)
+  model.norm_eps = 1e-5  # epsilon of RMSNorm / LayerNorm
+  model.tie_embeddings = True  # the output projection reuses the token embedding
+  model.dropout_rate = 0.0  # dropout on the embeddings and both residual branches
+  model.init_std = 0.02  # std of the normal init; residual output projections get init_std / sqrt(2 * num_layers)
+  model.dtype = "bfloat16"  # compute dtype of activations and matmuls
+  model.param_dtype = "float32"  # storage dtype of parameters (and so of the optimizer state)
+  model.attention = "xla"  # attention kernel: "xla" (einsum softmax) or "dot_product" (jax.nn.dot_product_attention, cuDNN on GPU)
+  model.scan_layers = True  # stack the layers on a "layers" axis and run them with nn.scan (fast compiles)
+  model.remat_policy = "none"  # "none", "full", "save_dots" (keep every projection output) or "save_qkv_proj"
+
+  config.mesh = mesh = ml_collections.ConfigDict()
+  # Device mesh axis sizes within one slice / host; -1 takes all remaining devices.
+  mesh.data = -1  # pure data parallelism (parameters replicated)
+  mesh.fsdp = 1  # data parallelism with parameters, gradients and optimizer state sharded
+  mesh.tensor = 1  # tensor parallelism over heads, MLP and vocabulary
+  mesh.sequence = 1  # sequence parallelism over the activation length
+  # Across slices / hosts (data-center network); these multiply the sizes above.
+  mesh.dcn_data = 1
+  mesh.dcn_fsdp = 1
+  # Logical axis name -> mesh axes. Changing parallelism strategy is editing these, never the code.
+  mesh.logical_axis_rules = (
+      ("activation_batch", ("data", "fsdp")),
+      ("activation_length", "sequence"),
+      ("activation_embed", None),
+      ("activation_heads", "tensor"),
+      ("activation_kv_heads", "tensor"),
+      ("activation_head_dim", None),
+      ("activation_mlp", "tensor"),
+      ("activation_vocab", "tensor"),
+      ("vocab", "tensor"),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("kv_heads", "tensor"),
+      ("head_dim", None),
+      ("layers", None),
+      ("norm", None),
+  )
+
+  config.data = data = ml_collections.ConfigDict()
+  data.source = "synthetic"  # "synthetic": a deterministic, learnable token stream (benchmarks, tests)
+  data.seq_len = 1024  # tokens per training row
+  data.batch_size = 8  # global batch, in rows, across all devices and processes
+  data.seed = 0  # the batch at step k is a pure function of (seed, k)
+
+  config.optimizer = opt = ml_collections.ConfigDict()
+  opt.learning_rate = 3e-4  # peak learning rate
+  opt.schedule = "cosine"  # after warmup: "cosine", "linear", "constant" or "wsd" (warmup-stable-decay)
+  opt.warmup_steps = 100  # linear warmup from 0 to the peak
+  opt.min_learning_rate_ratio = 0.1  # final learning rate as a fraction of the peak (cosine, linear, wsd)
+  opt.decay_fraction = 0.2  # wsd: fraction of train.steps spent in the final linear decay
+  opt.b1 = 0.9
+  opt.b2 = 0.95
+  opt.eps = 1e-8
+  opt.weight_decay = 0.1  # decoupled (AdamW) weight decay
+  opt.no_weight_decay = ("norm", "bias", "embedding")  # parameter kinds excluded from weight decay
+  opt.grad_clip_norm = 1.0  # clip gradients to this global norm; 0 turns clipping off
+
+  config.train = train = ml_collections.ConfigDict()
+  train.steps = 1000  # optimizer updates in the whole run
+  train.microbatches = 1  # gradient accumulation: the global batch is split into this many scan steps
+  train.z_loss_weight = 0.0  # weight of log(Z)^2 added to the loss (1e-4 is common at scale)
+  train.seed = 0  # parameter init and dropout
+  train.log_every = 10  # steps between metrics lines
+
+  return config

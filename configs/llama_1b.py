@@ -1,0 +1,35 @@
+"""Llama 3.2 1B's published shape: 16 layers, width 2048, 32 query and 8 key/value heads."""
+
+import os
+
+import ml_collections
+
+from lm.config import load_config_file
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the Llama 1B config."""
+  config = load_config_file(os.path.join(os.path.dirname(__file__), "default.py"))
+
+  config.model.family = "llama"
+  config.model.vocab_size = 128256
+  config.model.num_layers = 16
+  config.model.embed_dim = 2048
+  config.model.num_heads = 32
+  config.model.num_kv_heads = 8
+  config.model.mlp_dim = 8192
+  config.model.max_seq_len = 8192
+  config.model.rope_theta = 500000.0
+  config.model.tie_embeddings = True
+
+  config.mesh.data = 1
+  config.mesh.fsdp = -1
+
+  config.data.seq_len = 2048
+  config.data.batch_size = 256  # 524,288 tokens per step
+  config.train.microbatches = 16
+
+  config.optimizer.learning_rate = 3e-4
+  config.optimizer.warmup_steps = 2000
+  config.train.steps = 100000
+  return config

@@ -1,0 +1,36 @@
+"""Llama 3 8B's published shape: 32 layers, width 4096, 32 query and 8 key/value heads."""
+
+import os
+
+import ml_collections
+
+from lm.config import load_config_file
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the Llama 8B config, FSDP over every device with full rematerialization."""
+  config = load_config_file(os.path.join(os.path.dirname(__file__), "default.py"))
+
+  config.model.family = "llama"
+  config.model.vocab_size = 128256
+  config.model.num_layers = 32
+  config.model.embed_dim = 4096
+  config.model.num_heads = 32
+  config.model.num_kv_heads = 8
+  config.model.mlp_dim = 14336
+  config.model.max_seq_len = 8192
+  config.model.rope_theta = 500000.0
+  config.model.tie_embeddings = False
+  config.model.remat_policy = "full"
+
+  config.mesh.data = 1
+  config.mesh.fsdp = -1
+
+  config.data.seq_len = 8192
+  config.data.batch_size = 512  # 4M tokens per step
+  config.train.microbatches = 1
+
+  config.optimizer.learning_rate = 3e-4
+  config.optimizer.warmup_steps = 2000
+  config.train.steps = 100000
+  return config

@@ -1,0 +1,3 @@
+"""lm: pretrain Transformer language models in JAX."""
+
+__version__ = "0.1.0"

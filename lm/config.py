@@ -1,0 +1,153 @@
+"""Checks a config before anything is compiled, so a config that cannot work fails in one line."""
+
+import importlib.util
+import math
+import os
+
+import ml_collections
+
+from lm.models import attention, transformer
+
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+DATA_PARALLEL_AXES = ("data", "fsdp")  # the mesh axes that split the batch
+FAMILIES = ("llama", "gpt2")
+DATA_SOURCES = ("synthetic",)
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
+NO_WEIGHT_DECAY_KINDS = ("norm", "bias", "embedding")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+  """A config field that cannot work; the message names the field and the fix."""
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """Returns get_config() of a config file (configs/*.py), whatever the working directory."""
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _require(condition: bool, field: str, message: str) -> None:
+  if not condition:
+    raise ConfigError(f"{field}: {message}")
+
+
+def _one_of(value: str, choices: tuple[str, ...], field: str) -> None:
+  _require(value in choices, field, f"unknown value {value!r}; choose one of {', '.join(choices)}")
+
+
+def mesh_shape(mesh: ml_collections.ConfigDict, num_devices: int) -> tuple[dict[str, int], dict[str, int]]:
+  """Resolves the mesh sizes: (per-slice sizes with -1 filled in, across-slice sizes), by axis name."""
+  dcn = {"data": mesh.dcn_data, "fsdp": mesh.dcn_fsdp, "tensor": 1, "sequence": 1}
+  for axis in ("data", "fsdp"):
+    _require(dcn[axis] >= 1, f"mesh.dcn_{axis}", f"must be >= 1, got {dcn[axis]}")
+  num_slices = math.prod(dcn.values())
+  _require(
+      num_devices % num_slices == 0,
+      "mesh.dcn_data",
+      f"dcn_data * dcn_fsdp = {num_slices} does not divide the {num_devices} devices",
+  )
+  devices_per_slice = num_devices // num_slices
+
+  ici = {axis: mesh[axis] for axis in MESH_AXES}
+  for axis, size in ici.items():
+    _require(size == -1 or size >= 1, f"mesh.{axis}", f"must be -1 (all remaining devices) or >= 1, got {size}")
+  fill_axes = [axis for axis, size in ici.items() if size == -1]
+  if len(fill_axes) > 1:
+    raise ConfigError(f"mesh.{fill_axes[1]}: only one mesh axis may be -1, but {' and '.join(fill_axes)} are")
+  fixed = math.prod(size for size in ici.values() if size != -1)
+  if fill_axes:
+    _require(
+        devices_per_slice % fixed == 0,
+        f"mesh.{fill_axes[0]}",
+        f"-1 cannot fill the mesh: the other axes ({', '.join(f'{a}={ici[a]}' for a in MESH_AXES if ici[a] != -1)}) "
+        f"multiply to {fixed}, which does not divide the {devices_per_slice} devices per slice",
+    )
+    ici[fill_axes[0]] = devices_per_slice // fixed
+  _require(
+      math.prod(ici.values()) == devices_per_slice,
+      "mesh",
+      f"data*fsdp*tensor*sequence = {math.prod(ici.values())} but there are {devices_per_slice} devices "
+      "per slice; set one axis to -1 or make the product match",
+  )
+  return ici, dcn
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Raises ConfigError naming the first field that cannot work on `num_devices` devices."""
+  model, data, opt, train = config.model, config.data, config.optimizer, config.train
+
+  _one_of(model.family, FAMILIES, "model.family")
+  _one_of(model.attention, tuple(attention.KERNELS), "model.attention")
+  _one_of(model.remat_policy, tuple(transformer.REMAT_POLICIES), "model.remat_policy")
+  _one_of(model.dtype, DTYPES, "model.dtype")
+  _one_of(model.param_dtype, DTYPES, "model.param_dtype")
+  for field in ("vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads", "mlp_dim", "max_seq_len"):
+    _require(model[field] >= 1, f"model.{field}", f"must be >= 1, got {model[field]}")
+  _require(
+      model.embed_dim % model.num_heads == 0,
+      "model.num_heads",
+      f"{model.num_heads} heads do not divide model.embed_dim={model.embed_dim}; pick a divisor",
+  )
+  _require(
+      model.num_heads % model.num_kv_heads == 0,
+      "model.num_kv_heads",
+      f"{model.num_kv_heads} key/value heads do not divide model.num_heads={model.num_heads}; pick a divisor",
+  )
+  if model.family == "llama":
+    head_dim = model.embed_dim // model.num_heads
+    _require(head_dim % 2 == 0, "model.num_heads", f"rotary embeddings need an even head_dim, got {head_dim}")
+  _require(0.0 <= model.dropout_rate < 1.0, "model.dropout_rate", f"must be in [0, 1), got {model.dropout_rate}")
+
+  _one_of(data.source, DATA_SOURCES, "data.source")
+  _require(data.seq_len >= 1, "data.seq_len", f"must be >= 1, got {data.seq_len}")
+  _require(
+      data.seq_len <= model.max_seq_len,
+      "data.seq_len",
+      f"{data.seq_len} is longer than model.max_seq_len={model.max_seq_len}",
+  )
+
+  ici, dcn = mesh_shape(config.mesh, num_devices)
+  _require(
+      model.num_heads % ici["tensor"] == 0,
+      "model.num_heads",
+      f"{model.num_heads} heads cannot be split over mesh.tensor={ici['tensor']} devices",
+  )
+  _require(
+      model.num_kv_heads % ici["tensor"] == 0,
+      "model.num_kv_heads",
+      f"{model.num_kv_heads} key/value heads cannot be split over mesh.tensor={ici['tensor']} devices",
+  )
+  _require(
+      data.seq_len % ici["sequence"] == 0,
+      "data.seq_len",
+      f"{data.seq_len} tokens cannot be split over mesh.sequence={ici['sequence']} devices",
+  )
+  data_parallel = math.prod(ici[axis] * dcn[axis] for axis in DATA_PARALLEL_AXES)
+  _require(
+      data.batch_size % data_parallel == 0,
+      "data.batch_size",
+      f"{data.batch_size} rows cannot be split over the {data_parallel} data-parallel devices (data x fsdp)",
+  )
+  _require(train.microbatches >= 1, "train.microbatches", f"must be >= 1, got {train.microbatches}")
+  _require(
+      data.batch_size % (train.microbatches * data_parallel) == 0,
+      "train.microbatches",
+      f"data.batch_size={data.batch_size} must split into {train.microbatches} microbatches "
+      f"of a multiple of {data_parallel} rows (the data-parallel devices)",
+  )
+
+  _one_of(opt.schedule, SCHEDULES, "optimizer.schedule")
+  _require(opt.warmup_steps >= 0, "optimizer.warmup_steps", f"must be >= 0, got {opt.warmup_steps}")
+  _require(
+      opt.warmup_steps <= train.steps,
+      "optimizer.warmup_steps",
+      f"{opt.warmup_steps} is longer than train.steps={train.steps}",
+  )
+  _require(0.0 <= opt.decay_fraction <= 1.0, "optimizer.decay_fraction", f"must be in [0, 1], got {opt.decay_fraction}")
+  for kind in opt.no_weight_decay:
+    _one_of(kind, NO_WEIGHT_DECAY_KINDS, "optimizer.no_weight_decay")
+  _require(train.steps >= 1, "train.steps", f"must be >= 1, got {train.steps}")
+  _require(train.log_every >= 1, "train.log_every", f"must be >= 1, got {train.log_every}")

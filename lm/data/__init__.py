@@ -1,0 +1,1 @@
+"""Data: sources, tokenization, and the pipeline that turns them into global batches."""

@@ -1,0 +1,125 @@
+"""Metrics writers (metrics.jsonl, TensorBoard, a terminal line) and FLOPs / MFU accounting."""
+
+import json
+import math
+import os
+import time
+
+import jax
+import ml_collections
+
+# Dense bf16 peak FLOP/s per device, by a substring of jax's device_kind (lower case).
+PEAK_FLOPS_BY_DEVICE_KIND = (
+    ("h100", 989e12),
+    ("h200", 989e12),
+    ("a100", 312e12),
+    ("tpu v4", 275e12),
+    ("tpu v5 lite", 197e12),
+    ("tpu v5e", 197e12),
+    ("tpu v5p", 459e12),
+    ("tpu v5", 459e12),
+    ("tpu v6", 918e12),
+)
+
+
+def matmul_params(model: ml_collections.ConfigDict) -> int:
+  """Parameters of every weight matrix applied to activations (LM head included, embedding lookups excluded)."""
+  head_dim = model.embed_dim // model.num_heads
+  attention = model.embed_dim * head_dim * (2 * model.num_heads + 2 * model.num_kv_heads)  # q, o, k, v
+  mlp = (3 if model.family == "llama" else 2) * model.embed_dim * model.mlp_dim
+  return model.num_layers * (attention + mlp) + model.embed_dim * model.vocab_size
+
+
+def flops_per_token(model: ml_collections.ConfigDict, seq_len: int, causal: bool = True) -> float:
+  """Training FLOPs per token: 6 * matmul params + attention scores (halved when causal masking skips them)."""
+  attention_dim = model.num_heads * (model.embed_dim // model.num_heads)
+  attention = 12 * model.num_layers * seq_len * attention_dim
+  return 6 * matmul_params(model) + (attention / 2 if causal else attention)
+
+
+def peak_flops(device: jax.Device) -> float | None:
+  """The device's dense bf16 peak in FLOP/s, or None when unknown (CPUs)."""
+  kind = device.device_kind.lower()
+  for name, peak in PEAK_FLOPS_BY_DEVICE_KIND:
+    if name in kind:
+      return peak
+  return None
+
+
+def format_duration(seconds: float) -> str:
+  """1h02m, 3m05s, 42s."""
+  seconds = int(seconds)
+  if seconds >= 3600:
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+  if seconds >= 60:
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+  return f"{seconds}s"
+
+
+class MetricsWriter:
+  """Writes one row per logged step to metrics.jsonl, TensorBoard and the terminal (process 0 only)."""
+
+  def __init__(self, workdir: str, total_steps: int):
+    self.total_steps = total_steps
+    self.enabled = jax.process_index() == 0
+    if self.enabled:
+      from tensorboardX import SummaryWriter  # imported here: only process 0 writes
+
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    """Records `metrics` (plain floats) for `step`."""
+    if not self.enabled:
+      return
+    row = {"step": step, **{name: float(value) for name, value in metrics.items()}}
+    self._jsonl.write(json.dumps(row) + "\n")
+    self._jsonl.flush()
+    for name, value in row.items():
+      if name != "step" and math.isfinite(value):
+        self._tensorboard.add_scalar(name, value, step)
+    self._tensorboard.flush()
+    print(self._line(row), flush=True)
+
+  def _line(self, row: dict[str, float]) -> str:
+    parts = [f"step {row['step']}/{self.total_steps}"]
+    parts += [f"{name} {row[name]:.4f}" for name in ("loss", "eval_loss") if name in row]
+    if "learning_rate" in row:
+      parts.append(f"lr {row['learning_rate']:.2e}")
+    if "tokens_per_second" in row:
+      parts.append(f"{row['tokens_per_second']:,.0f} tok/s")
+    if "mfu" in row:
+      parts.append(f"MFU {100 * row['mfu']:.1f}%")
+    if "seconds_per_step" in row:
+      parts.append(f"ETA {format_duration(row['seconds_per_step'] * (self.total_steps - row['step']))}")
+    return " | ".join(parts)
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tensorboard.close()
+
+
+class Throughput:
+  """Tokens per second and MFU between consecutive calls of `measure`."""
+
+  def __init__(self, flops_per_token: float, peak_flops_per_device: float | None, num_devices: int):
+    self.flops_per_token = flops_per_token
+    self.peak_flops = None if peak_flops_per_device is None else peak_flops_per_device * num_devices
+    self._last_time = time.perf_counter()
+    self._last_step = 0
+
+  def reset(self, step: int) -> None:
+    """Starts a new window at `step` (after restoring, or after compilation)."""
+    self._last_time, self._last_step = time.perf_counter(), step
+
+  def measure(self, step: int, tokens_per_step: float) -> dict[str, float]:
+    """Rates over the steps since the last call."""
+    now = time.perf_counter()
+    seconds_per_step = (now - self._last_time) / max(step - self._last_step, 1)
+    self._last_time, self._last_step = now, step
+    tokens_per_second = tokens_per_step / seconds_per_step
+    rates = {"tokens_per_second": tokens_per_second, "seconds_per_step": seconds_per_step}
+    if self.peak_flops is not None:
+      rates["mfu"] = tokens_per_second * self.flops_per_token / self.peak_flops
+    return rates

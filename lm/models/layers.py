@@ -1,0 +1,116 @@
+"""Building blocks: projections, embeddings, norms, MLPs and rotary position encoding.
+
+Parameters carry logical axis names; activations are constrained to logical axes so the
+config's rules, not this code, decide how everything is sharded.
+"""
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.ad_checkpoint import checkpoint_name
+
+ModelConfig = ml_collections.FrozenConfigDict  # the `model` section of the config
+
+# Logical axes of the residual stream [B, T, D].
+ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str]) -> jax.Array:
+  """Pins an activation's sharding to these logical axes (a no-op outside a mesh context)."""
+  return nn.with_logical_constraint(x, tuple(logical_axes))
+
+
+class Projection(nn.Module):
+  """x [..., *contracted] @ kernel [*contracted, *features] (+ bias for GPT-2), with named kernel axes.
+
+  Written out rather than nn.DenseGeneral, which creates a flattened 2-D kernel that cannot carry
+  one logical name per dimension.
+  """
+
+  cfg: ModelConfig
+  features: tuple[int, ...]
+  kernel_axes: tuple[str | None, ...]  # one name per kernel dimension: contracted ones, then features
+  residual: bool = False  # writes into the residual stream: init std / sqrt(2 * num_layers) (GPT-2's init)
+  bias: bool = True  # GPT-2 adds a bias unless this is False; Llama never does
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    num_contracted = len(self.kernel_axes) - len(self.features)
+    std = cfg.init_std / (2 * cfg.num_layers) ** 0.5 if self.residual else cfg.init_std
+    kernel = self.param(
+        "kernel",
+        nn.with_logical_partitioning(nn.initializers.normal(std), self.kernel_axes),
+        x.shape[x.ndim - num_contracted :] + tuple(self.features),
+        jnp.dtype(cfg.param_dtype),
+    )
+    compute_dtype = jnp.dtype(cfg.dtype)
+    y = jnp.tensordot(x.astype(compute_dtype), kernel.astype(compute_dtype), axes=num_contracted)
+    if self.bias and cfg.family == "gpt2":
+      bias = self.param(
+          "bias",
+          nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[num_contracted:]),
+          tuple(self.features),
+          jnp.dtype(cfg.param_dtype),
+      )
+      y = y + bias.astype(compute_dtype)
+    return y
+
+
+def embedding(cfg: ModelConfig, num_embeddings: int, row_axis: str | None, name: str) -> nn.Embed:
+  """A [num_embeddings, embed_dim] lookup table (tokens, or GPT-2's learned positions)."""
+  return nn.Embed(
+      num_embeddings=num_embeddings,
+      features=cfg.embed_dim,
+      dtype=jnp.dtype(cfg.dtype),
+      param_dtype=jnp.dtype(cfg.param_dtype),
+      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), (row_axis, "embed")),
+      name=name,
+  )
+
+
+def norm(cfg: ModelConfig, name: str) -> nn.Module:
+  """RMSNorm for Llama, LayerNorm (with bias) for GPT-2; statistics are computed in float32."""
+  common = dict(
+      epsilon=cfg.norm_eps,
+      dtype=jnp.dtype(cfg.dtype),
+      param_dtype=jnp.dtype(cfg.param_dtype),
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+      name=name,
+  )
+  if cfg.family == "llama":
+    return nn.RMSNorm(**common)
+  return nn.LayerNorm(bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), **common)
+
+
+class Mlp(nn.Module):
+  """SwiGLU (Llama) or GELU (GPT-2) feed-forward block."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    up_BTF = checkpoint_name(Projection(cfg, (cfg.mlp_dim,), ("embed", "mlp"), name="up")(x_BTD), "mlp_up")
+    if cfg.family == "llama":
+      gate_BTF = checkpoint_name(Projection(cfg, (cfg.mlp_dim,), ("embed", "mlp"), name="gate")(x_BTD), "mlp_gate")
+      hidden_BTF = nn.silu(gate_BTF) * up_BTF
+    else:
+      hidden_BTF = nn.gelu(up_BTF, approximate=True)  # GPT-2's tanh approximation
+    hidden_BTF = constrain(hidden_BTF, ("activation_batch", "activation_length", "activation_mlp"))
+    out_BTD = Projection(cfg, (cfg.embed_dim,), ("mlp", "embed"), residual=True, name="down")(hidden_BTF)
+    return checkpoint_name(out_BTD, "mlp_down")
+
+
+def apply_rotary(x_BTND: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+  """Rotates feature pairs (i, i + D/2) by position-dependent angles (the Hugging Face Llama layout)."""
+  head_dim = x_BTND.shape[-1]
+  inv_freq_F = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  angles_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq_F
+  sin_BT1F, cos_BT1F = jnp.sin(angles_BTF)[:, :, None, :], jnp.cos(angles_BTF)[:, :, None, :]
+  x1, x2 = jnp.split(x_BTND.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos_BT1F - x2 * sin_BT1F, x2 * cos_BT1F + x1 * sin_BT1F], axis=-1)
+  return rotated.astype(x_BTND.dtype)

@@ -1,0 +1,98 @@
+"""The decoder-only Transformer: embeddings, a stack of blocks (scanned or not, rematerialized or not), logits.
+
+Shape letters: B batch, T length, D embed dim, V vocab size.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lm.models import attention, layers
+
+_PROJECTION_NAMES = ("query_proj", "key_proj", "value_proj", "out_proj", "mlp_up", "mlp_gate", "mlp_down")
+
+# What the backward pass keeps from the forward pass; everything else is recomputed.
+REMAT_POLICIES = {
+    "none": None,  # no rematerialization: keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each block's input
+    "save_dots": jax.checkpoint_policies.save_only_these_names(*_PROJECTION_NAMES),
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj"),
+}
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: x + attention(norm(x)), then + mlp(norm(x)).
+
+  Returns (x, None) so that the same module works as the body of nn.scan.
+  """
+
+  cfg: layers.ModelConfig
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array, segment_ids_BT: jax.Array, positions_BT: jax.Array) -> tuple[jax.Array, None]:
+    cfg = self.cfg
+    x_BTD = layers.constrain(x_BTD, layers.ACTIVATION_AXES)
+    h_BTD = layers.norm(cfg, "attn_norm")(x_BTD)
+    h_BTD = attention.Attention(cfg, name="attn")(h_BTD, segment_ids_BT, positions_BT)
+    x_BTD = x_BTD + nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=self.deterministic)
+    h_BTD = layers.norm(cfg, "mlp_norm")(x_BTD)
+    h_BTD = layers.Mlp(cfg, name="mlp")(h_BTD)
+    x_BTD = x_BTD + nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=self.deterministic)
+    return layers.constrain(x_BTD, layers.ACTIVATION_AXES), None
+
+
+class Transformer(nn.Module):
+  """Llama- or GPT-2-style decoder, chosen by cfg.family. Call with [B, T] int32 arrays."""
+
+  cfg: layers.ModelConfig
+
+  @nn.compact
+  def __call__(
+      self,
+      tokens_BT: jax.Array,
+      segment_ids_BT: jax.Array,
+      positions_BT: jax.Array,
+      deterministic: bool = True,
+  ) -> jax.Array:
+    """Returns logits_BTV in the compute dtype."""
+    cfg = self.cfg
+    token_embed = layers.embedding(cfg, cfg.vocab_size, "vocab", "token_embed")
+    x_BTD = token_embed(tokens_BT)
+    if cfg.family == "gpt2":
+      x_BTD = x_BTD + layers.embedding(cfg, cfg.max_seq_len, None, "position_embed")(positions_BT)
+    x_BTD = nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=deterministic)
+    x_BTD = layers.constrain(x_BTD, layers.ACTIVATION_AXES)
+
+    block = Block
+    if cfg.remat_policy != "none":
+      # Inside a scan, CSE cannot undo the rematerialization, so the barrier it needs is skipped.
+      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      stack = nn.scan(
+          block,
+          variable_axes={"params": 0},
+          split_rngs={"params": True, "dropout": True},
+          in_axes=(nn.broadcast, nn.broadcast),
+          length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )
+      x_BTD, _ = stack(cfg, deterministic, name="layers")(x_BTD, segment_ids_BT, positions_BT)
+    else:
+      for i in range(cfg.num_layers):
+        x_BTD, _ = block(cfg, deterministic, name=f"layers_{i}")(x_BTD, segment_ids_BT, positions_BT)
+
+    x_BTD = layers.norm(cfg, "final_norm")(x_BTD)
+    if cfg.tie_embeddings:
+      logits_BTV = token_embed.attend(x_BTD)
+    else:
+      logits_BTV = layers.Projection(cfg, (cfg.vocab_size,), ("embed", "vocab"), bias=False, name="lm_head")(x_BTD)
+    return layers.constrain(logits_BTV, ("activation_batch", "activation_length", "activation_vocab"))
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+  """Converts unscanned params (layers_0 ... layers_{L-1}) to the scanned layout (one "layers" entry)."""
+  per_layer = [params[f"layers_{i}"] for i in range(num_layers)]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+  rest = {name: value for name, value in params.items() if not name.startswith("layers_")}
+  return {**rest, "layers": stacked}

@@ -1,0 +1,95 @@
+"""The device mesh from the config, logical axis rules, and helpers to place arrays on the mesh."""
+
+import contextlib
+import math
+from typing import Callable, Iterator, Sequence
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from lm import config as config_lib
+
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+BATCH_AXES = ("activation_batch", "activation_length")  # logical axes of every [B, T] batch array
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds the ("data", "fsdp", "tensor", "sequence") mesh; across slices the dcn sizes multiply in."""
+  devices = list(jax.devices() if devices is None else devices)
+  ici, dcn = config_lib.mesh_shape(mesh_config, len(devices))
+  ici_shape = [ici[axis] for axis in config_lib.MESH_AXES]
+  dcn_shape = [dcn[axis] for axis in config_lib.MESH_AXES]
+  if math.prod(dcn_shape) == 1:
+    device_array = mesh_utils.create_device_mesh(ici_shape, devices, allow_split_physical_axes=True)
+  else:
+    # TPU devices know their slice; elsewhere (GPU clusters, CPU rehearsals) each process is one.
+    process_is_granule = not hasattr(devices[0], "slice_index")
+    device_array = mesh_utils.create_hybrid_device_mesh(
+        ici_shape, dcn_shape, devices, process_is_granule=process_is_granule, allow_split_physical_axes=True
+    )
+  return Mesh(device_array, config_lib.MESH_AXES)
+
+
+def rules(mesh_config: ml_collections.ConfigDict) -> Rules:
+  """The config's logical axis rules as a tuple of (logical name, mesh axes) pairs."""
+  return tuple(
+      (name, tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in mesh_config.logical_axis_rules
+  )
+
+
+def logical_sharding(mesh: Mesh, axis_rules: Rules, logical_axes: Sequence[str | None]) -> NamedSharding:
+  """The NamedSharding of an array whose dimensions have these logical names."""
+  return nn.logical_to_mesh_sharding(PartitionSpec(*logical_axes), mesh, axis_rules)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """A sharding that puts a full copy on every device (scalars, metrics)."""
+  return NamedSharding(mesh, PartitionSpec())
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, axis_rules: Rules) -> Iterator[None]:
+  """Makes the mesh and rules current so nn.with_logical_constraint inside models takes effect."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
+    yield
+
+
+class MeshJit:
+  """A jitted function traced and run with the mesh and rules active.
+
+  jax.set_mesh may only be entered outside jit, so the context wraps each call rather than the body.
+  """
+
+  def __init__(self, jitted: Callable, mesh: Mesh, axis_rules: Rules):
+    self.jitted, self.mesh, self.axis_rules = jitted, mesh, axis_rules
+
+  def __call__(self, *args):
+    with activate(self.mesh, self.axis_rules):
+      return self.jitted(*args)
+
+  def lower(self, *args) -> jax.stages.Lowered:
+    """Lowers for these arguments, for ahead-of-time compilation and compile-time measurements."""
+    with activate(self.mesh, self.axis_rules):
+      return self.jitted.lower(*args)
+
+
+def process_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> slice:
+  """The contiguous rows of a global [B, ...] array that this process's devices hold."""
+  index_map = sharding.addressable_devices_indices_map(global_shape)
+  row_slices = [index[0] for index in index_map.values()]
+  start = min(rows.start or 0 for rows in row_slices)
+  stop = max(global_shape[0] if rows.stop is None else rows.stop for rows in row_slices)
+  return slice(start, stop)
+
+
+def global_batch_from_local(sharding: NamedSharding, local_rows: dict[str, np.ndarray], global_batch: int) -> dict:
+  """Assembles global jax.Arrays from this process's rows (the output of `process_rows`)."""
+  return {
+      name: jax.make_array_from_process_local_data(sharding, rows, (global_batch,) + rows.shape[1:])
+      for name, rows in local_rows.items()
+  }

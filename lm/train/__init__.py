@@ -1,0 +1,1 @@
+"""Training: optimizer, state, step, loop and the `python -m lm.train` command."""

@@ -1,0 +1,66 @@
+"""The optax optimizer from `config.optimizer`: global-norm clipping, then AdamW on a schedule."""
+
+import jax
+import ml_collections
+import optax
+
+
+def make_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Learning rate by step: linear warmup from 0, then cosine, linear, constant or warmup-stable-decay."""
+  peak = opt.learning_rate
+  final = peak * opt.min_learning_rate_ratio
+  warmup = opt.warmup_steps
+  after_warmup = max(total_steps - warmup, 1)
+  warmup_schedule = optax.linear_schedule(0.0, peak, warmup)
+  if opt.schedule == "cosine":
+    rest = [optax.cosine_decay_schedule(peak, after_warmup, alpha=opt.min_learning_rate_ratio)]
+  elif opt.schedule == "linear":
+    rest = [optax.linear_schedule(peak, final, after_warmup)]
+  elif opt.schedule == "constant":
+    rest = [optax.constant_schedule(peak)]
+  elif opt.schedule == "wsd":
+    decay = min(int(round(opt.decay_fraction * total_steps)), after_warmup)
+    rest = [optax.constant_schedule(peak), optax.linear_schedule(peak, final, decay)]
+    return optax.join_schedules([warmup_schedule] + rest, [warmup, total_steps - decay])
+  else:
+    raise ValueError(f"optimizer.schedule: unknown schedule {opt.schedule!r}")
+  return optax.join_schedules([warmup_schedule] + rest, [warmup])
+
+
+def _path_names(path: tuple) -> list[str]:
+  return [str(getattr(entry, "key", getattr(entry, "name", entry))) for entry in path]
+
+
+def parameter_kind(path: tuple) -> set[str]:
+  """The kinds ("norm", "bias", "embedding") a parameter belongs to, read from its path in the tree."""
+  names = _path_names(path)
+  kinds = set()
+  if any(name.endswith("norm") for name in names):
+    kinds.add("norm")
+  if "bias" in names:
+    kinds.add("bias")
+  if "embedding" in names:
+    kinds.add("embedding")
+  return kinds
+
+
+def weight_decay_mask(params, no_weight_decay: tuple[str, ...]):
+  """A pytree of bools like `params`: True where AdamW applies weight decay."""
+  excluded = set(no_weight_decay)
+  return jax.tree_util.tree_map_with_path(lambda path, _: not (parameter_kind(path) & excluded), params)
+
+
+def make(opt: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Returns (optimizer, learning-rate schedule)."""
+  schedule = make_schedule(opt, total_steps)
+  adamw = optax.adamw(
+      learning_rate=schedule,
+      b1=opt.b1,
+      b2=opt.b2,
+      eps=opt.eps,
+      weight_decay=opt.weight_decay,
+      mask=lambda params: weight_decay_mask(params, tuple(opt.no_weight_decay)),
+  )
+  if opt.grad_clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), adamw), schedule
+  return adamw, schedule

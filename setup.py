@@ -1,0 +1,26 @@
+"""Packaging for lm: pretraining Transformer language models in JAX."""
+
+import setuptools
+
+setuptools.setup(
+    name="lm",
+    version="0.1.0",
+    description="Pretrain GPT-2 and Llama style language models in JAX, from a laptop to a pod.",
+    packages=setuptools.find_packages(include=["lm", "lm.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "ml-collections>=1.0",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6"],
+        "gpu": ["jax[cuda12]>=0.10"],
+        "tpu": ["jax[tpu]>=0.10"],
+    },
+)

@@ -1,0 +1,51 @@
+"""Every test sees 8 simulated CPU devices, so sharded code runs on any machine."""
+
+import os
+
+# Backend optimization level 0 halves CPU compile times; the tests are dominated by compiling
+# tiny models, and every comparison they make runs under the same flags.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402  (must come after XLA_FLAGS)
+import ml_collections  # noqa: E402
+import pytest  # noqa: E402
+
+from lm.config import load_config_file  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def eight_devices():
+  assert jax.device_count() == 8, "XLA_FLAGS was set too late: jax was imported before tests/conftest.py"
+
+
+def tiny(family: str = "llama", overrides: dict | None = None) -> ml_collections.ConfigDict:
+  """A two-layer float32 model on synthetic data; `overrides` maps "section.field" to a value."""
+  config = load_config_file(os.path.join(REPO, "configs", "quickstart.py"))
+  config.model.family = family
+  config.model.num_layers = 2
+  config.model.embed_dim = 32
+  config.model.num_heads = 4
+  config.model.num_kv_heads = 2
+  config.model.mlp_dim = 64
+  config.model.vocab_size = 128
+  config.model.max_seq_len = 64
+  config.model.dtype = "float32"
+  config.data.seq_len = 16
+  config.data.batch_size = 8
+  config.train.steps = 10
+  config.optimizer.warmup_steps = 2
+  for path, value in (overrides or {}).items():
+    section, field = path.split(".")
+    config[section][field] = value
+  return config
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+  """The `tiny` config factory."""
+  return tiny

@@ -1,0 +1,75 @@
+"""A config that cannot work fails before compiling, with one line naming the field."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lm import config as config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+BAD_CONFIGS = [
+    ({"model.num_heads": 5}, "model.num_heads"),  # does not divide embed_dim=32
+    ({"model.num_kv_heads": 3}, "model.num_kv_heads"),  # does not divide num_heads=4
+    ({"model.num_heads": 2, "model.num_kv_heads": 2, "mesh.data": 1, "mesh.tensor": 4, "mesh.fsdp": 2}, "model.num_heads"),
+    ({"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2, "model.num_kv_heads": 1}, "model.num_kv_heads"),
+    ({"data.batch_size": 12, "mesh.data": 8}, "data.batch_size"),  # 12 rows over 8 devices
+    ({"train.microbatches": 2, "mesh.data": 8}, "train.microbatches"),  # 8 rows: 2 x 4 < 8 devices
+    ({"mesh.data": 2, "mesh.fsdp": 2}, "mesh"),  # 4 devices of 8
+    ({"mesh.data": -1, "mesh.fsdp": -1}, "mesh.fsdp"),
+    ({"mesh.data": -1, "mesh.tensor": 3}, "mesh.data"),
+    ({"mesh.dcn_data": 3}, "mesh.dcn_data"),
+    ({"model.attention": "flash"}, "model.attention"),
+    ({"model.remat_policy": "some"}, "model.remat_policy"),
+    ({"model.family": "bert"}, "model.family"),
+    ({"model.dtype": "float8"}, "model.dtype"),
+    ({"data.seq_len": 128}, "data.seq_len"),  # longer than max_seq_len=64
+    ({"data.seq_len": 15, "mesh.data": 1, "mesh.sequence": 8}, "data.seq_len"),
+    ({"data.source": "s3://bucket"}, "data.source"),
+    ({"optimizer.schedule": "step"}, "optimizer.schedule"),
+    ({"optimizer.warmup_steps": 11}, "optimizer.warmup_steps"),  # train.steps=10
+    ({"optimizer.no_weight_decay": ("norm", "kernel")}, "optimizer.no_weight_decay"),
+]
+
+
+@pytest.mark.parametrize("overrides, field", BAD_CONFIGS)
+def test_bad_config_names_the_field(tiny_config, overrides, field):
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.validate(tiny_config("llama", overrides), num_devices=8)
+  assert str(error.value).startswith(field + ":")
+  assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_good_configs_pass(tiny_config, family):
+  config_lib.validate(tiny_config(family, {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}), num_devices=8)
+
+
+def test_mesh_shape_fills_minus_one_and_multiplies_dcn(tiny_config):
+  mesh = tiny_config().mesh
+  mesh.data, mesh.fsdp, mesh.tensor, mesh.dcn_data = 1, -1, 2, 2
+  ici, dcn = config_lib.mesh_shape(mesh, num_devices=16)
+  assert ici == {"data": 1, "fsdp": 4, "tensor": 2, "sequence": 1}
+  assert dcn == {"data": 2, "fsdp": 1, "tensor": 1, "sequence": 1}
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("--config.model.num_heads=5", "model.num_heads"),
+        ("--config.model.no_such_field=1", "--config.model.no_such_field"),
+    ],
+)
+def test_cli_reports_a_bad_config_in_one_line(tmp_path, override, field):
+  result = subprocess.run(
+      [sys.executable, "-m", "lm.train", "--config=configs/quickstart.py", f"--workdir={tmp_path}", override],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
+  assert result.returncode != 0
+  assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+  assert field in result.stderr
