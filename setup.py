@@ -17,6 +17,13 @@ setuptools.setup(
         "absl-py>=2.0",
         "numpy>=1.26",
         "tensorboardX>=2.6",
+        "sentencepiece>=0.2",
+        "tensorflow-datasets>=4.9.6",
+        "array-record>=0.5",
+        "grain>=0.2.10",
+        # tensorflow-datasets imports it when a builder lives in an installed package, but only
+        # declares it for Python < 3.9.
+        "importlib_resources",
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6"],

@@ -13,7 +13,6 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from lm.data import pipeline
 from lm.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Config file.")
@@ -23,7 +22,7 @@ _LAYERS = flags.DEFINE_list("layers", ["4", "48"], "Depths to compile.")
 def compile_seconds(config: ml_collections.ConfigDict) -> float:
   """Wall time to lower and compile the training step of `config`."""
   run = loop.setup(config)
-  batch = next(pipeline.train_batches(config, run.mesh, run.axis_rules))
+  batch = next(run.train_batches(config))
   start = time.perf_counter()
   run.train_step.lower(run.state, batch, jax.random.key(0)).compile()
   return time.perf_counter() - start

@@ -12,7 +12,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.model = model = ml_collections.ConfigDict()
   model.family = "llama"  # "llama" (RMSNorm, rotary, SwiGLU, no biases) or "gpt2" (LayerNorm, learned positions, GELU, biases)
-  model.vocab_size = 32000  # rows of the token embedding (and columns of the logits)
+  model.vocab_size = 32000  # embedding rows; with a tokenizer, set to its size rounded up to vocab_multiple
+  model.vocab_multiple = 128  # the tokenizer's vocabulary is padded to a multiple of this (faster matmuls)
   model.num_layers = 12  # Transformer blocks
   model.embed_dim = 768  # width of the residual stream; head_dim = embed_dim // num_heads
   model.num_heads = 12  # query heads
@@ -60,10 +61,24 @@ def get_config() -> ml_collections.ConfigDict:
   )
 
   config.data = data = ml_collections.ConfigDict()
-  data.source = "synthetic"  # "synthetic": a deterministic, learnable token stream (benchmarks, tests)
+  # "builtin": this Python's standard library (sources and text), no download needed;
+  # "text:<dir or glob>": local .txt, .md, .py and .jsonl files, recursively;
+  # "tfds:<name>[:<version>]": a TFDS text dataset prepared in array_record format under tfds_data_dir;
+  # "synthetic": a deterministic, learnable token stream with no tokenizer (benchmarks, tests).
+  data.source = "builtin"
   data.seq_len = 1024  # tokens per training row
   data.batch_size = 8  # global batch, in rows, across all devices and processes
   data.seed = 0  # the batch at step k is a pure function of (seed, k)
+  data.data_dir = "~/.cache/lm"  # where tokenizers and tokenized shards are built
+  data.tokenizer = ""  # a sentencepiece .model to use; empty: train one on the source
+  data.tokenizer_type = "bpe"  # "bpe" or "unigram", when training a tokenizer
+  data.tokenizer_vocab_size = 32000  # pieces, when training a tokenizer
+  data.tokenizer_sample_bytes = 50_000_000  # text the tokenizer is trained on
+  data.validation_fraction = 0.01  # documents held out (by a stable hash of their content)
+  data.max_document_chars = 1_000_000  # longer documents are split into pieces this long
+  data.text_key = "text"  # the text field of .jsonl lines and TFDS examples
+  data.tfds_data_dir = ""  # where tfds: datasets live; empty: TFDS's default (~/tensorflow_datasets)
+  data.tfds_split = "train"  # the split of a tfds: dataset to read
 
   config.optimizer = opt = ml_collections.ConfigDict()
   opt.learning_rate = 3e-4  # peak learning rate

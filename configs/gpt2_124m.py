@@ -12,7 +12,8 @@ def get_config() -> ml_collections.ConfigDict:
   config = load_config_file(os.path.join(os.path.dirname(__file__), "default.py"))
 
   config.model.family = "gpt2"
-  config.model.vocab_size = 50304  # GPT-2's 50257 padded up to a multiple of 128
+  config.data.tokenizer_vocab_size = 50257  # GPT-2's vocabulary size ...
+  config.model.vocab_size = 50304  # ... padded up to a multiple of 128 (used as is with synthetic data)
   config.model.num_layers = 12
   config.model.embed_dim = 768
   config.model.num_heads = 12

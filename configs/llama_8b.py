@@ -13,6 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.model.family = "llama"
   config.model.vocab_size = 128256
+  config.data.tokenizer_vocab_size = 128256
   config.model.num_layers = 32
   config.model.embed_dim = 4096
   config.model.num_heads = 32

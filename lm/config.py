@@ -11,7 +11,8 @@ from lm.models import attention, transformer
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 DATA_PARALLEL_AXES = ("data", "fsdp")  # the mesh axes that split the batch
 FAMILIES = ("llama", "gpt2")
-DATA_SOURCES = ("synthetic",)
+DATA_SOURCES = ("builtin", "synthetic", "text:<dir or glob>", "tfds:<name>[:<version>]")
+TOKENIZER_TYPES = ("bpe", "unigram")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 NO_WEIGHT_DECAY_KINDS = ("norm", "bias", "embedding")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -101,7 +102,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _require(head_dim % 2 == 0, "model.num_heads", f"rotary embeddings need an even head_dim, got {head_dim}")
   _require(0.0 <= model.dropout_rate < 1.0, "model.dropout_rate", f"must be in [0, 1), got {model.dropout_rate}")
 
-  _one_of(data.source, DATA_SOURCES, "data.source")
+  _require(
+      data.source in ("builtin", "synthetic") or data.source.startswith(("text:", "tfds:")),
+      "data.source",
+      f"unknown source {data.source!r}; choose one of {', '.join(DATA_SOURCES)}",
+  )
+  _one_of(data.tokenizer_type, TOKENIZER_TYPES, "data.tokenizer_type")
+  _require(data.tokenizer_vocab_size >= 260, "data.tokenizer_vocab_size", "must be >= 260 (256 bytes and 4 special pieces)")
+  _require(0.0 <= data.validation_fraction < 1.0, "data.validation_fraction", f"must be in [0, 1), got {data.validation_fraction}")
+  _require(data.max_document_chars >= 1, "data.max_document_chars", f"must be >= 1, got {data.max_document_chars}")
   _require(data.seq_len >= 1, "data.seq_len", f"must be >= 1, got {data.seq_len}")
   _require(
       data.seq_len <= model.max_seq_len,

@@ -32,6 +32,7 @@ def tiny(family: str = "llama", overrides: dict | None = None) -> ml_collections
   config.model.num_heads = 4
   config.model.num_kv_heads = 2
   config.model.mlp_dim = 64
+  config.data.source = "synthetic"
   config.model.vocab_size = 128
   config.model.max_seq_len = 64
   config.model.dtype = "float32"

@@ -28,6 +28,8 @@ BAD_CONFIGS = [
     ({"data.seq_len": 128}, "data.seq_len"),  # longer than max_seq_len=64
     ({"data.seq_len": 15, "mesh.data": 1, "mesh.sequence": 8}, "data.seq_len"),
     ({"data.source": "s3://bucket"}, "data.source"),
+    ({"data.tokenizer_type": "wordpiece"}, "data.tokenizer_type"),
+    ({"data.validation_fraction": 1.0}, "data.validation_fraction"),
     ({"optimizer.schedule": "step"}, "optimizer.schedule"),
     ({"optimizer.warmup_steps": 11}, "optimizer.warmup_steps"),  # train.steps=10
     ({"optimizer.no_weight_decay": ("norm", "kernel")}, "optimizer.no_weight_decay"),

@@ -1,23 +1,128 @@
-"""Global batches for training: each process builds only its own rows, assembled into jax.Arrays."""
+"""Batches for training and evaluation, read with grain; each process builds only its own rows.
 
-import itertools
+The global batch at step k is a pure function of (data.seed, k): row r is window k * B + r of an
+endless sequence of windows, reshuffled every epoch. So it is the same with 1 process or 16,
+and after a restart at any step.
+
+Shape letters: B rows (this process's, or global), T data.seq_len.
+"""
+
+import functools
+import sys
 from typing import Iterator
 
+import grain
 import jax
 import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
 from jax.sharding import Mesh
 
 from lm import sharding
-from lm.data import synthetic
+from lm.data import synthetic, tfds_builder
+
+_READ_THREADS = 4  # grain threads building upcoming batches
+_PREFETCH_BATCHES = 8  # at least _READ_THREADS, or threads sit idle
+
+Rows = dict[str, np.ndarray]  # this process's rows of a batch: inputs, targets, ... [B, T]
+
+
+def packed_rows(tokens_BT1: np.ndarray, eos_id: int) -> Rows:
+  """Windows of T + 1 stream tokens -> model inputs and targets, split into documents.
+
+  Every EOS starts a new segment (it plays the part of a BOS), so a document's first token is
+  predicted from the EOS alone and no token attends across documents; positions restart there.
+  """
+  inputs_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
+  starts_BT = inputs_BT == eos_id
+  starts_BT[:, 0] = True
+  length = inputs_BT.shape[1]
+  last_start_BT = np.maximum.accumulate(np.where(starts_BT, np.arange(length), 0), axis=1)
+  return {
+      "inputs": inputs_BT.astype(np.int32),
+      "targets": targets_BT.astype(np.int32),
+      "segment_ids": np.cumsum(starts_BT, axis=1, dtype=np.int32),
+      "positions": (np.arange(length) - last_start_BT).astype(np.int32),
+      "weights": np.ones(inputs_BT.shape, np.float32),
+  }
+
+
+def num_windows(builder: tfds.core.DatasetBuilder, split: str, seq_len: int) -> int:
+  """How many windows of seq_len + 1 tokens, T apart, the split's token stream holds."""
+  return max((builder.info.metadata[f"{split}_tokens"] - 1) // seq_len, 0)
+
+
+def _read_window(chunks, seq_len: int, window: int) -> np.ndarray:
+  """Stream tokens [window * T, window * T + T + 1) from the chunked records: [T + 1]."""
+  start = window * seq_len
+  first, last = start // tfds_builder.CHUNK_TOKENS, (start + seq_len) // tfds_builder.CHUNK_TOKENS
+  tokens = np.concatenate([chunks[index]["tokens"] for index in range(first, last + 1)])
+  offset = start - first * tfds_builder.CHUNK_TOKENS
+  return tokens[offset : offset + seq_len + 1]
+
+
+def _windows(builder: tfds.core.DatasetBuilder, split: str, seq_len: int, shuffle_seed: int | None) -> grain.MapDataset:
+  """Window index -> [T + 1] tokens; with a seed, an endless sequence reshuffled each epoch."""
+  count = num_windows(builder, split, seq_len)
+  if count == 0:
+    raise ValueError(f"data: the {split} split has too few tokens for one row of data.seq_len={seq_len}")
+  windows = grain.MapDataset.range(count)
+  if shuffle_seed is not None:
+    windows = windows.shuffle(seed=shuffle_seed).repeat()
+  return windows.map(functools.partial(_read_window, builder.as_data_source(split), seq_len))
+
+
+def _rows_of_step(windows: grain.MapDataset, global_batch: int, rows: slice, eos_id: int, step: int) -> Rows:
+  tokens_BT1 = np.stack([windows[step * global_batch + row] for row in range(rows.start, rows.stop)])
+  return packed_rows(tokens_BT1, eos_id)
+
+
+def _global_batches(steps: grain.MapDataset, batch_sharding, global_batch: int) -> Iterator[dict[str, jax.Array]]:
+  """Reads steps ahead in threads and assembles each into global arrays."""
+  read_options = grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES)
+  for rows in steps.to_iter_dataset(read_options):
+    yield sharding.global_batch_from_local(batch_sharding, rows, global_batch)
 
 
 def train_batches(
-    config: ml_collections.ConfigDict, mesh: Mesh, axis_rules: sharding.Rules, start_step: int = 0
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    axis_rules: sharding.Rules,
+    builder: tfds.core.DatasetBuilder | None,
+    eos_id: int | None,
+    start_step: int = 0,
 ) -> Iterator[dict[str, jax.Array]]:
-  """Yields the global batch for steps start_step, start_step + 1, ... sharded over the data axes."""
+  """The global batches of steps start_step, start_step + 1, ...; `builder` is None for synthetic data."""
   data = config.data
   batch_sharding = sharding.logical_sharding(mesh, axis_rules, sharding.BATCH_AXES)
-  row_range = sharding.process_rows(batch_sharding, (data.batch_size, data.seq_len))
-  for step in itertools.count(start_step):
-    local_rows = synthetic.rows(data.seed, step, data.batch_size, row_range, data.seq_len, config.model.vocab_size)
-    yield sharding.global_batch_from_local(batch_sharding, local_rows, data.batch_size)
+  rows = sharding.process_rows(batch_sharding, (data.batch_size, data.seq_len))
+  if data.source == "synthetic":
+    step_rows = functools.partial(
+        synthetic.rows, data.seed, global_batch=data.batch_size, row_range=rows, seq_len=data.seq_len,
+        vocab_size=config.model.vocab_size,
+    )
+  else:
+    windows = _windows(builder, "train", data.seq_len, shuffle_seed=data.seed)
+    step_rows = functools.partial(_rows_of_step, windows, data.batch_size, rows, eos_id)
+  steps = grain.MapDataset.range(start_step, sys.maxsize).map(step_rows)
+  return _global_batches(steps, batch_sharding, data.batch_size)
+
+
+def eval_batches(
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    axis_rules: sharding.Rules,
+    builder: tfds.core.DatasetBuilder,
+    eos_id: int,
+    max_batches: int = 0,
+) -> Iterator[dict[str, jax.Array]]:
+  """The validation split in order, in global batches (the remainder dropped); at most `max_batches` if > 0."""
+  data = config.data
+  batch_sharding = sharding.logical_sharding(mesh, axis_rules, sharding.BATCH_AXES)
+  rows = sharding.process_rows(batch_sharding, (data.batch_size, data.seq_len))
+  windows = _windows(builder, "validation", data.seq_len, shuffle_seed=None)
+  count = len(windows) // data.batch_size
+  if max_batches > 0:
+    count = min(count, max_batches)
+  steps = grain.MapDataset.range(count).map(functools.partial(_rows_of_step, windows, data.batch_size, rows, eos_id))
+  return _global_batches(steps, batch_sharding, data.batch_size)

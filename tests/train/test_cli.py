@@ -8,7 +8,8 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def test_quickstart_cli_trains_and_writes_the_workdir(tmp_path):
+def test_quickstart_cli_trains_on_the_builtin_corpus_and_writes_the_workdir(tmp_path):
+  """The README's first command, shortened: builds the built-in corpus from scratch, then trains."""
   workdir = tmp_path / "run"
   result = subprocess.run(
       [
@@ -20,8 +21,8 @@ def test_quickstart_cli_trains_and_writes_the_workdir(tmp_path):
           "--config.train.steps=30",
           "--config.train.log_every=5",
           "--config.model.num_layers=2",
-          "--config.data.batch_size=8",
-          "--config.data.seq_len=64",
+          f"--config.data.data_dir={tmp_path / 'data'}",
+          "--config.data.tokenizer_vocab_size=1024",
       ],
       cwd=REPO,
       capture_output=True,
@@ -33,7 +34,7 @@ def test_quickstart_cli_trains_and_writes_the_workdir(tmp_path):
   assert [row["step"] for row in rows] == [5, 10, 15, 20, 25, 30]
   for row in rows:
     assert {"step", "loss", "learning_rate", "grad_norm", "tokens_per_second"} <= row.keys()
-  assert rows[-1]["loss"] < 0.6 * rows[0]["loss"]
+  assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
   assert json.loads((workdir / "config.json").read_text())["model"]["num_layers"] == 2
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir / "tensorboard"))
   progress_lines = [line for line in result.stdout.splitlines() if line.startswith("step ")]

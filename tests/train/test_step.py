@@ -1,15 +1,11 @@
 """The training step: loss arithmetic, gradient accumulation, and equal numbers on every mesh."""
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from lm import sharding
-from lm.data import pipeline
 from lm.train import loop, step as step_lib
 
 
@@ -28,7 +24,7 @@ def _run(config, num_steps, devices=None):
   run = loop.setup(config, devices)
   state = run.state
   losses = []
-  for step, batch in zip(range(num_steps), pipeline.train_batches(config, run.mesh, run.axis_rules)):
+  for step, batch in zip(range(num_steps), run.train_batches(config)):
     state, metrics = run.train_step(state, batch, jax.random.fold_in(jax.random.key(0), step))
     losses.append(float(metrics["loss"]))
   return np.array(losses), state
@@ -46,7 +42,7 @@ def test_microbatches_equal_one_large_batch(tiny_config):
 def test_weights_exclude_tokens_from_the_loss(tiny_config):
   config = tiny_config("gpt2", {"mesh.data": 8})
   run = loop.setup(config)
-  batch = next(pipeline.train_batches(config, run.mesh, run.axis_rules))
+  batch = next(run.train_batches(config))
   weights = np.ones(batch["weights"].shape, np.float32)
   weights[:, 8:] = 0.0
   half = dict(batch, weights=jax.device_put(weights, batch["weights"].sharding))
@@ -91,15 +87,3 @@ def test_sequence_parallel_training_equals_single_device(single_device_losses, t
   config = tiny_config("llama", {"mesh.data": 2, "mesh.sequence": 2, "mesh.tensor": 2})
   losses, _ = _run(config, 5)
   np.testing.assert_allclose(losses, single_device_losses, rtol=1e-5)
-
-
-def test_batches_are_a_function_of_the_step(tiny_config):
-  config = tiny_config("llama", {"mesh.data": 8})
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.rules(config.mesh)
-  from_start = list(itertools.islice(pipeline.train_batches(config, mesh, rules), 4))
-  from_two = list(itertools.islice(pipeline.train_batches(config, mesh, rules, start_step=2), 2))
-  for expected, got in zip(from_start[2:], from_two):
-    for name in expected:
-      np.testing.assert_array_equal(expected[name], got[name])
-  assert not np.array_equal(from_start[0]["inputs"], from_start[1]["inputs"])

@@ -1,0 +1,208 @@
+"""A TFDS builder: a source's documents, cleaned, deduplicated and tokenized, as array_record shards.
+
+Each split is one token stream (documents joined with EOS) stored in records of CHUNK_TOKENS
+tokens, so any window of the stream is read with one or two random accesses.
+"""
+
+import collections
+import hashlib
+import os
+from typing import Iterator
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+from lm.data import sources, tokenizer as tokenizer_lib
+
+CHUNK_TOKENS = 4096
+SPLITS = ("train", "validation")
+SKIP_REASONS = ("binary", "non_utf8", "malformed", "empty")
+_ENCODE_BATCH_CHARS = 4_000_000  # documents tokenized together, in parallel threads
+
+
+def clean(raw: bytes | str | None) -> tuple[str | None, str | None]:
+  """(text, None) for a usable document, else (None, reason) with reason in SKIP_REASONS."""
+  if raw is None:
+    return None, "malformed"
+  if isinstance(raw, bytes):
+    if b"\x00" in raw:
+      return None, "binary"
+    try:
+      raw = raw.decode("utf-8")
+    except UnicodeDecodeError:
+      return None, "non_utf8"
+  try:
+    raw.encode("utf-8")  # lone surrogates (from JSON escapes) are not UTF-8
+  except UnicodeEncodeError:
+    return None, "non_utf8"
+  text = raw.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+  if not text.strip():
+    return None, "empty"
+  return text, None
+
+
+def split_long(text: str, max_chars: int) -> list[str]:
+  """`text` cut into pieces of at most `max_chars` characters."""
+  return [text[start : start + max_chars] for start in range(0, len(text), max_chars)]
+
+
+def split_of(text: str, validation_fraction: float) -> tuple[str, bytes]:
+  """(split, content hash): the split is a stable function of the content, so duplicates share it."""
+  digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+  in_validation = int.from_bytes(digest[:8], "big") < validation_fraction * 2**64
+  return ("validation" if in_validation else "train"), digest[:16]
+
+
+def clean_documents(source: sources.Source, max_chars: int, counts: collections.Counter | None = None) -> Iterator[str]:
+  """The source's usable documents, cleaned and cut to `max_chars`; `counts` tallies what was skipped or split."""
+  counts = collections.Counter() if counts is None else counts
+  for _, raw in source.documents():
+    text, reason = clean(raw)
+    if reason:
+      counts[reason] += 1
+      continue
+    pieces = split_long(text, max_chars)
+    counts["split"] += len(pieces) > 1
+    yield from pieces
+
+
+class TokenizedText(tfds.core.GeneratorBasedBuilder):
+  """Token streams of a source under one tokenizer; the config name encodes both (and the cleaning)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def __init__(
+      self,
+      *,
+      source: sources.Source,
+      tokenizer: tokenizer_lib.Tokenizer,
+      validation_fraction: float,
+      max_document_chars: int,
+      data_dir: str,
+  ):
+    self._source = source
+    self._tokenizer = tokenizer
+    self._validation_fraction = validation_fraction
+    self._max_document_chars = max_document_chars
+    key = (source.fingerprint, tokenizer.fingerprint, validation_fraction, max_document_chars)
+    name = f"{source.slug}-{hashlib.sha256(repr(key).encode()).hexdigest()[:12]}"
+    config = tfds.core.BuilderConfig(name=name, description=f"{source.slug} tokenized by {tokenizer.path}")
+    super().__init__(data_dir=data_dir, config=config, file_format="array_record")
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Documents joined with EOS into one token stream per split, in fixed-size chunks.",
+        features=tfds.features.FeaturesDict({"tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32)}),
+        metadata=tfds.core.MetadataDict(),
+        disable_shuffling=True,  # the records are the stream, in order
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(split) for split in SPLITS}
+
+  def _generate_examples(self, split: str):
+    counts = collections.Counter()
+    seen = set()
+    pending: list[str] = []
+    pending_chars = 0
+    stream: list[int] = []
+    chunk_index = 0
+
+    def drain(final: bool):
+      nonlocal chunk_index, stream
+      while len(stream) >= CHUNK_TOKENS or (final and stream):
+        chunk, stream = stream[:CHUNK_TOKENS], stream[CHUNK_TOKENS:]
+        yield chunk_index, {"tokens": np.asarray(chunk, np.int32)}
+        chunk_index += 1
+
+    def tokenize_pending():
+      nonlocal pending, pending_chars
+      for ids in self._tokenizer.encode_batch(pending):
+        stream.extend(ids)
+        stream.append(self._tokenizer.eos_id)
+        counts["tokens"] += len(ids) + 1
+      pending, pending_chars = [], 0
+
+    for text in clean_documents(self._source, self._max_document_chars, counts):
+      document_split, digest = split_of(text, self._validation_fraction)
+      if document_split != split:
+        continue
+      if digest in seen:
+        counts["duplicates"] += 1
+        continue
+      seen.add(digest)
+      counts["documents"] += 1
+      pending.append(text)
+      pending_chars += len(text)
+      if pending_chars >= _ENCODE_BATCH_CHARS:
+        tokenize_pending()
+        yield from drain(final=False)
+    tokenize_pending()
+    yield from drain(final=True)
+
+    for reason in (*SKIP_REASONS, "split"):
+      self.info.metadata[reason] = counts[reason]  # the same in every split's pass over the source
+    for name in ("documents", "duplicates", "tokens"):
+      self.info.metadata[f"{split}_{name}"] = counts[name]
+
+
+def prepare(data: ml_collections.ConfigDict) -> tuple[tokenizer_lib.Tokenizer, TokenizedText]:
+  """Trains (or loads) the tokenizer and builds the shards if they are missing; returns both.
+
+  Process 0 builds first; the others wait, then find the shards (or build their own copy when the
+  data directory is not shared).
+  """
+  data_dir = os.path.expanduser(data.data_dir)
+  source = sources.from_config(data)
+
+  def build() -> tuple[tokenizer_lib.Tokenizer, TokenizedText]:
+    tokenizer = load_or_train_tokenizer(data, source, data_dir)
+    builder = TokenizedText(
+        source=source,
+        tokenizer=tokenizer,
+        validation_fraction=data.validation_fraction,
+        max_document_chars=data.max_document_chars,
+        data_dir=os.path.join(data_dir, "tfds"),
+    )
+    if not builder.is_prepared():
+      print(f"Tokenizing {data.source} into {builder.data_dir}", flush=True)
+      builder.download_and_prepare()
+      print(summary(builder), flush=True)
+    return tokenizer, builder
+
+  if jax.process_count() == 1:
+    return build()
+  from jax.experimental import multihost_utils
+
+  if jax.process_index() == 0:
+    result = build()
+  multihost_utils.sync_global_devices("lm.data.prepare")
+  if jax.process_index() != 0:
+    result = build()
+  return result
+
+
+def load_or_train_tokenizer(data: ml_collections.ConfigDict, source: sources.Source, data_dir: str) -> tokenizer_lib.Tokenizer:
+  """data.tokenizer if given, else the tokenizer trained on this source (trained now if missing)."""
+  if data.tokenizer:
+    return tokenizer_lib.Tokenizer(os.path.expanduser(data.tokenizer))
+  name = f"{source.slug}-{source.fingerprint}-{data.tokenizer_type}{data.tokenizer_vocab_size}.model"
+  path = os.path.join(data_dir, "tokenizers", name)
+  if os.path.isfile(path):
+    return tokenizer_lib.Tokenizer(path)
+  print(f"Training a {data.tokenizer_vocab_size}-token {data.tokenizer_type} tokenizer on {data.source}", flush=True)
+  documents = clean_documents(source, data.max_document_chars)
+  return tokenizer_lib.train(documents, path, data.tokenizer_vocab_size, data.tokenizer_type, data.tokenizer_sample_bytes)
+
+
+def summary(builder: TokenizedText) -> str:
+  """One line of what the build kept, skipped and split."""
+  meta = builder.info.metadata
+  kept = ", ".join(f"{split} {meta[f'{split}_documents']:,} documents / {meta[f'{split}_tokens']:,} tokens" for split in SPLITS)
+  skipped = ", ".join(f"{meta[reason]} {reason}" for reason in SKIP_REASONS if meta[reason])
+  dropped = f"{sum(meta[f'{split}_duplicates'] for split in SPLITS)} exact duplicates dropped"
+  return f"Kept {kept}; skipped {skipped or 'nothing'}; {dropped}; {meta['split']} long documents split."

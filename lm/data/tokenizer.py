@@ -1,0 +1,111 @@
+"""Lossless sentencepiece tokenizers: train one on a sample of the source, or load a given .model.
+
+Lossless means decode(encode(text)) == text for any UTF-8 text, code included: identity
+normalization, no dummy prefix, whitespace kept, unknown characters spelled as UTF-8 bytes.
+"""
+
+import hashlib
+import io
+import os
+from typing import Iterable, Iterator
+
+import sentencepiece as spm
+
+from lm.config import ConfigError
+
+# sentencepiece writes a space as U+2581 inside pieces and turns every U+2581 back into a space
+# when decoding, so a literal U+2581 in the text is encoded as its UTF-8 bytes instead.
+_SPACE_MARK = "\u2581"
+
+
+class Tokenizer:
+  """A sentencepiece model with the encode / decode that keep every character."""
+
+  def __init__(self, model_path: str):
+    if not os.path.isfile(model_path):
+      raise FileNotFoundError(f"tokenizer model {model_path} not found")
+    with open(model_path, "rb") as f:
+      model_proto = f.read()
+    self.path = model_path
+    self.fingerprint = hashlib.sha256(model_proto).hexdigest()[:12]
+    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    self.vocab_size: int = self._sp.vocab_size()
+    self.bos_id: int = self._sp.bos_id()
+    self.eos_id: int = self._sp.eos_id()
+    self._space_mark_ids = [self._sp.piece_to_id(f"<0x{byte:02X}>") for byte in _SPACE_MARK.encode()]
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of `text` (no BOS or EOS added)."""
+    if _SPACE_MARK not in text:
+      return self._sp.encode(text)
+    ids = []
+    for i, part in enumerate(text.split(_SPACE_MARK)):
+      if i:
+        ids += self._space_mark_ids
+      ids += self._sp.encode(part)
+    return ids
+
+  def encode_batch(self, texts: list[str], num_threads: int = 0) -> list[list[int]]:
+    """encode() of each text, in parallel sentencepiece threads (0: one per core)."""
+    if any(_SPACE_MARK in text for text in texts):
+      return [self.encode(text) for text in texts]
+    return self._sp.encode(texts, num_threads=num_threads or os.cpu_count())
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """The text of `ids`; BOS and EOS decode to nothing."""
+    return self._sp.decode(list(ids))
+
+
+def train(
+    documents: Iterator[str], model_path: str, vocab_size: int, model_type: str, sample_bytes: int
+) -> Tokenizer:
+  """Trains a lossless tokenizer of at most `vocab_size` pieces on the first `sample_bytes` of `documents`.
+
+  Saves it to `model_path`.
+  """
+
+  def sample() -> Iterator[str]:
+    seen = 0
+    for document in documents:
+      yield document
+      seen += len(document.encode())
+      if seen >= sample_bytes:
+        return
+
+  model = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=sample(),
+        model_writer=model,
+        model_type=model_type,
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,  # a small corpus gets a smaller vocabulary instead of an error
+        byte_fallback=True,  # any character outside the vocabulary is spelled in bytes, never <unk>
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True,  # runs of indentation become single tokens
+        split_digits=True,
+        user_defined_symbols=["\n"],
+        max_sentence_length=1 << 24,  # a "sentence" here is a whole document
+        character_coverage=0.9995,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=os.cpu_count(),
+        minloglevel=2,
+    )
+  except RuntimeError as error:  # sentencepiece's way of saying the vocabulary cannot hold the characters
+    raise ConfigError(f"data.tokenizer_vocab_size: {vocab_size} pieces cannot be trained on this text ({error})") from None
+  os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
+  partial_path = model_path + ".partial"
+  with open(partial_path, "wb") as f:
+    f.write(model.getvalue())
+  os.replace(partial_path, model_path)  # a killed run never leaves a truncated model behind
+  return Tokenizer(model_path)
+
+
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+  """`vocab_size` rounded up to a multiple of `multiple` (embedding tables of such sizes run faster)."""
+  return -(-vocab_size // multiple) * multiple

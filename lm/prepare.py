@@ -1,0 +1,27 @@
+"""`python -m lm.prepare --config=configs/X.py`: train the tokenizer and build the tokenized shards.
+
+`python -m lm.train` does the same on its own when they are missing; this does it ahead of time
+(for example once, before starting many runs or hosts).
+"""
+
+import jax
+
+from lm import cli
+from lm import config as config_lib
+from lm.data import tfds_builder
+
+
+def prepare(config) -> None:
+  """Checks the config, then builds what is missing and says where it is."""
+  config_lib.validate(config, jax.device_count())
+  if config.data.source == "synthetic":
+    print("data.source=synthetic needs no preparation")
+    return
+  tokenizer, builder = tfds_builder.prepare(config.data)
+  print(f"Tokenizer: {tokenizer.path} ({tokenizer.vocab_size} pieces)")
+  print(f"Shards: {builder.data_dir}")
+  print(tfds_builder.summary(builder))
+
+
+if __name__ == "__main__":
+  cli.run(prepare)
