@@ -24,7 +24,7 @@ def compile_seconds(config: ml_collections.ConfigDict) -> float:
   run = loop.setup(config)
   batch = next(run.train_batches(config))
   start = time.perf_counter()
-  run.train_step.lower(run.state, batch, jax.random.key(0)).compile()
+  run.train_step.lower(run.abstract_state, batch, jax.random.key(0)).compile()
   return time.perf_counter() - start
 
 

@@ -99,5 +99,14 @@ def get_config() -> ml_collections.ConfigDict:
   train.z_loss_weight = 0.0  # weight of log(Z)^2 added to the loss (1e-4 is common at scale)
   train.seed = 0  # parameter init and dropout
   train.log_every = 10  # steps between metrics lines
+  train.max_bad_steps = 10  # stop after this many steps in a row with NaN / Inf gradients (each is skipped)
+
+  config.checkpoint = checkpoint = ml_collections.ConfigDict()
+  checkpoint.every = 1000  # steps between checkpoints (also saved at the end and when preempted); 0: end only
+  checkpoint.keep = 3  # newest checkpoints kept
+  checkpoint.keep_period = 0  # also keep every checkpoint whose step is a multiple of this, forever; 0: none
+  checkpoint.async_save = True  # write in the background while training goes on
+  checkpoint.init_from = ""  # another run's workdir (or checkpoints dir): start from its latest params
+  checkpoint.init_opt_state = False  # with init_from: take its optimizer state too
 
   return config

@@ -31,4 +31,5 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.train.steps = 500
   config.train.log_every = 10
+  config.checkpoint.every = 100
   return config

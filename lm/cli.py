@@ -28,6 +28,8 @@ def run(main: Callable[[ml_collections.ConfigDict], None]) -> None:
       main(CONFIG.value)
     except config_lib.ConfigError as error:
       sys.exit(f"error: config {error}")
+    except config_lib.UserError as error:
+      sys.exit(f"error: {error}")
     except OSError as error:  # a missing data path, or a config file that failed to load
       sys.exit(f"error: {' '.join(str(error).split())}")
 

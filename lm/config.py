@@ -18,7 +18,11 @@ NO_WEIGHT_DECAY_KINDS = ("norm", "bias", "embedding")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+  """A failure the user can fix; the commands print its message as one line, without a traceback."""
+
+
+class ConfigError(UserError, ValueError):
   """A config field that cannot work; the message names the field and the fix."""
 
 
@@ -160,3 +164,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _one_of(kind, NO_WEIGHT_DECAY_KINDS, "optimizer.no_weight_decay")
   _require(train.steps >= 1, "train.steps", f"must be >= 1, got {train.steps}")
   _require(train.log_every >= 1, "train.log_every", f"must be >= 1, got {train.log_every}")
+  _require(train.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {train.max_bad_steps}")
+
+  checkpoint = config.checkpoint
+  _require(checkpoint.every >= 0, "checkpoint.every", f"must be >= 0 (0: only at the end), got {checkpoint.every}")
+  _require(checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {checkpoint.keep}")
+  _require(checkpoint.keep_period >= 0, "checkpoint.keep_period", f"must be >= 0, got {checkpoint.keep_period}")
+  if checkpoint.init_from:
+    _require(
+        os.path.isdir(os.path.expanduser(checkpoint.init_from)),
+        "checkpoint.init_from",
+        f"{checkpoint.init_from} is not a directory (give another run's workdir or checkpoints directory)",
+    )

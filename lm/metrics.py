@@ -56,24 +56,51 @@ def format_duration(seconds: float) -> str:
   return f"{seconds}s"
 
 
-class MetricsWriter:
-  """Writes one row per logged step to metrics.jsonl, TensorBoard and the terminal (process 0 only)."""
+def keep_rows_up_to(path: str, step: int) -> None:
+  """Drops the rows of metrics.jsonl after `step`, and any line a killed run left half-written."""
+  if not os.path.exists(path):
+    return
+  kept = []
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(row, dict) and row.get("step", step + 1) <= step:
+        kept.append(json.dumps(row) + "\n")
+  partial_path = path + ".partial"
+  with open(partial_path, "w") as f:
+    f.writelines(kept)
+  os.replace(partial_path, path)
 
-  def __init__(self, workdir: str, total_steps: int):
+
+class MetricsWriter:
+  """Writes one row per logged step to metrics.jsonl, TensorBoard and the terminal (process 0 only).
+
+  A run resumed at `start_step` first drops what the interrupted run logged after it, so each
+  step appears once.
+  """
+
+  def __init__(self, workdir: str, total_steps: int, start_step: int = 0):
     self.total_steps = total_steps
     self.enabled = jax.process_index() == 0
     if self.enabled:
       from tensorboardX import SummaryWriter  # imported here: only process 0 writes
 
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      jsonl_path = os.path.join(workdir, "metrics.jsonl")
+      keep_rows_up_to(jsonl_path, start_step)
+      self._jsonl = open(jsonl_path, "a")
+      # purge_step makes TensorBoard discard the interrupted run's events after start_step.
+      self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1 if start_step else None)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     """Records `metrics` (plain floats) for `step`."""
     if not self.enabled:
       return
     row = {"step": step, **{name: float(value) for name, value in metrics.items()}}
-    self._jsonl.write(json.dumps(row) + "\n")
+    # NaN and Inf are not JSON; they are written as null.
+    self._jsonl.write(json.dumps({name: value if math.isfinite(value) else None for name, value in row.items()}) + "\n")
     self._jsonl.flush()
     for name, value in row.items():
       if name != "step" and math.isfinite(value):

@@ -1,4 +1,8 @@
-"""Every test sees 8 simulated CPU devices, so sharded code runs on any machine."""
+"""Every test sees 8 simulated CPU devices, so sharded code runs on any machine.
+
+Shared fixtures: `tiny_config` (a two-layer model on synthetic data), `corpus_dir` (a folder of
+small text documents) and `text_config` (the tiny model on that folder).
+"""
 
 import os
 
@@ -11,6 +15,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from lm.config import load_config_file  # noqa: E402
@@ -50,3 +55,48 @@ def tiny(family: str = "llama", overrides: dict | None = None) -> ml_collections
 def tiny_config():
   """The `tiny` config factory."""
   return tiny
+
+
+WORDS = "the model reads every token of data once per epoch while loss falls and batches stay exact".split()
+
+
+def make_document(rng: np.random.Generator, index: int) -> str:
+  """A few lines of words and numbers, distinct for each index."""
+  lines = [f"# document {index}"]
+  for _ in range(int(rng.integers(3, 25))):
+    words = rng.choice(WORDS, size=int(rng.integers(2, 12)))
+    lines.append(" ".join(words) + f" = {int(rng.integers(0, 1000))}")
+  return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory):
+  """60 plain-text documents in .txt, .md and .py files, in nested folders."""
+  root = tmp_path_factory.mktemp("corpus")
+  rng = np.random.default_rng(0)
+  for index in range(60):
+    folder = root / f"part{index % 3}"
+    folder.mkdir(exist_ok=True)
+    (folder / f"doc{index}{['.txt', '.md', '.py'][index % 3]}").write_text(make_document(rng, index))
+  return root
+
+
+@pytest.fixture(scope="session")
+def text_config(tiny_config, corpus_dir, tmp_path_factory):
+  """The tiny config on the corpus, with a 320-piece tokenizer built under a fresh data_dir."""
+  data_dir = tmp_path_factory.mktemp("data")
+
+  def make(overrides: dict | None = None):
+    return tiny_config(
+        "llama",
+        {
+            "data.source": f"text:{corpus_dir}",
+            "data.data_dir": str(data_dir),
+            "data.tokenizer_vocab_size": 320,
+            "data.validation_fraction": 0.2,
+            "data.seq_len": 32,
+            **(overrides or {}),
+        },
+    )
+
+  return make

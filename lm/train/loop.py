@@ -2,11 +2,13 @@
 
 import dataclasses
 import os
+import time
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import ml_collections
+import optax
 from jax.sharding import Mesh
 
 from lm import config as config_lib
@@ -14,21 +16,26 @@ from lm import metrics as metrics_lib
 from lm import sharding
 from lm.data import pipeline, tfds_builder, tokenizer as tokenizer_lib
 from lm.models import Transformer
-from lm.train import optimizer, state as state_lib, step as step_lib
+from lm.train import checkpoint, optimizer, state as state_lib, step as step_lib
 
 
 @dataclasses.dataclass
 class TrainSetup:
   """What a run is made of, built from its config."""
 
+  config: ml_collections.ConfigDict
   mesh: Mesh
   axis_rules: sharding.Rules
   model: nn.Module
-  state: state_lib.TrainState
-  state_shardings: state_lib.TrainState
+  tx: optax.GradientTransformation
+  abstract_state: state_lib.TrainState  # shapes, dtypes and shardings, no values
   train_step: sharding.MeshJit  # (state, batch, rng) -> (state, metrics)
   tokenizer: tokenizer_lib.Tokenizer | None  # None for synthetic data
   dataset: tfds_builder.TokenizedText | None
+
+  def init_state(self) -> state_lib.TrainState:
+    """A freshly initialized state, sharded over the mesh."""
+    return state_lib.init(self.model, self.tx, self.abstract_state, self.config.train.seed)
 
   def train_batches(self, config: ml_collections.ConfigDict, start_step: int = 0):
     """The global batches of steps start_step, start_step + 1, ..."""
@@ -51,47 +58,98 @@ def setup(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
   axis_rules = sharding.rules(config.mesh)
   model = Transformer(ml_collections.FrozenConfigDict(config.model))
   tx, schedule = optimizer.make(config.optimizer, config.train.steps)
-  state, state_shardings = state_lib.create(model, tx, mesh, axis_rules, config.train.seed)
-  train_step = step_lib.make_train_step(model, tx, schedule, config.train, mesh, axis_rules, state_shardings)
-  return TrainSetup(mesh, axis_rules, model, state, state_shardings, train_step, tokenizer, dataset)
+  abstract = state_lib.abstract_state(model, tx, mesh, axis_rules)
+  train_step = step_lib.make_train_step(model, tx, schedule, config.train, mesh, axis_rules, state_lib.shardings_of(abstract))
+  return TrainSetup(config, mesh, axis_rules, model, tx, abstract, train_step, tokenizer, dataset)
+
+
+class TrainingError(config_lib.UserError):
+  """A run that cannot go on (for example, gradients that stay NaN); the message says what to change."""
+
+
+def data_position(config: ml_collections.ConfigDict, run: TrainSetup, next_step: int) -> dict:
+  """What the data pipeline needs to continue exactly: the batch at step k depends only on these and k."""
+  dataset = run.dataset.builder_config.name if run.dataset else "synthetic"
+  return {"dataset": dataset, "seed": config.data.seed, "next_step": next_step}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Trains `config` for config.train.steps steps, writing everything under `workdir`."""
+  """Trains `config` for config.train.steps steps under `workdir`, resuming from its latest checkpoint."""
   run = setup(config)  # before config.json is written: it fills in the vocabulary size
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  state = run.state
-  start_step = int(state.step)
+  checkpoints = checkpoint.manager(workdir, config.checkpoint)
+  restored = checkpoint.restore_latest(checkpoints, run.abstract_state)
+  if restored:
+    state, start_step, progress = restored.state, restored.step, restored.metadata
+    if restored.data != data_position(config, run, start_step):
+      print(f"Warning: the data differs from the checkpoint's ({restored.data}); continuing at step {start_step}")
+    print(f"Resuming from step {start_step} ({checkpoints.directory})", flush=True)
+  else:
+    state, start_step, progress = run.init_state(), 0, {"tokens_seen": 0, "train_seconds": 0.0}
+    if config.checkpoint.init_from:
+      state = checkpoint.init_from(config.checkpoint, state, run.abstract_state)
+  if start_step >= config.train.steps:
+    print(f"Nothing to do: the run is at step {start_step} of train.steps={config.train.steps}")
+    return
+
   batches = run.train_batches(config, start_step)
   step_rng = jax.random.key(config.train.seed)
-
-  writer = metrics_lib.MetricsWriter(workdir, config.train.steps)
   tokens_per_step = config.data.batch_size * config.data.seq_len
+  writer = metrics_lib.MetricsWriter(workdir, config.train.steps, start_step)
   throughput = metrics_lib.Throughput(
       metrics_lib.flops_per_token(config.model, config.data.seq_len),
       metrics_lib.peak_flops(jax.devices()[0]),
       jax.device_count(),
   )
   throughput.reset(start_step)
+  started = time.perf_counter()
+
+  def save(step: int) -> None:
+    metadata = {
+        "tokens_seen": progress["tokens_seen"] + (step - start_step) * tokens_per_step,
+        "train_seconds": progress["train_seconds"] + time.perf_counter() - started,
+    }
+    checkpoint.save(checkpoints, step, state, data_position(config, run, step), config, metadata)
 
   def log(logged_step: int, device_metrics: dict[str, jax.Array]) -> None:
     host_metrics = jax.device_get(device_metrics)  # waits for that step to finish
     writer.write(logged_step, {**host_metrics, **throughput.measure(logged_step, tokens_per_step)})
 
-  # A logged step's metrics are fetched only after the next step is dispatched, so the device
-  # always has work queued while the host waits.
-  pending = None
-  for step in range(start_step, config.train.steps):
-    state, step_metrics = run.train_step(state, next(batches), jax.random.fold_in(step_rng, step))
-    if pending is not None:
-      log(*pending)
-      pending = None
-    if (step + 1) % config.train.log_every == 0 or step + 1 == config.train.steps:
-      pending = (step + 1, step_metrics)
-  if pending is not None:
-    log(*pending)
+  # The previous step's metrics are read only after this step is dispatched, so the device always
+  # has work queued while the host waits on them.
+  previous = None  # (step number, device metrics)
+  with checkpoint.PreemptionWatcher(checkpoints) as preemption:
+    for step in range(start_step, config.train.steps):
+      state, step_metrics = run.train_step(state, next(batches), jax.random.fold_in(step_rng, step))
+      if previous is not None:
+        previous_step, previous_metrics = previous
+        if previous_step % config.train.log_every == 0:
+          log(previous_step, previous_metrics)
+        bad_in_a_row = int(previous_metrics["bad_steps_in_a_row"])
+        if bad_in_a_row >= config.train.max_bad_steps:
+          checkpoints.wait_until_finished()
+          raise TrainingError(
+              f"{bad_in_a_row} steps in a row up to step {previous_step} had NaN or Inf gradients and were skipped; "
+              f"stopped. The last checkpoint is step {checkpoints.latest_step()}. Lower optimizer.learning_rate, "
+              "raise train.max_bad_steps, or look at the data of those steps."
+          )
+      previous = (step + 1, step_metrics)
+      done = step + 1
+      every = config.checkpoint.every
+      if preemption.requested(done) or (every and done % every == 0) or done == config.train.steps:
+        save(done)
+      if preemption.signal_name:
+        log(*previous)
+        checkpoints.wait_until_finished()
+        writer.close()
+        raise SystemExit(
+            f"Stopped by {preemption.signal_name} after step {done}: checkpoint saved in {checkpoints.directory}. "
+            "Rerun the same command to resume."
+        )
+  log(*previous)
+  checkpoints.wait_until_finished()
   writer.close()

@@ -1,8 +1,13 @@
-"""The optax optimizer from `config.optimizer`: global-norm clipping, then AdamW on a schedule."""
+"""The optax optimizer from `config.optimizer`: global-norm clipping, then AdamW on a schedule.
+
+Updates from non-finite gradients are skipped (optax.apply_if_finite).
+"""
 
 import jax
 import ml_collections
 import optax
+
+_NEVER = 2**31 - 1
 
 
 def make_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -61,6 +66,13 @@ def make(opt: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.Gradie
       weight_decay=opt.weight_decay,
       mask=lambda params: weight_decay_mask(params, tuple(opt.no_weight_decay)),
   )
-  if opt.grad_clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), adamw), schedule
-  return adamw, schedule
+  tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), adamw) if opt.grad_clip_norm > 0 else adamw
+  # A step whose gradients hold a NaN or an Inf changes nothing, and is counted in the state.
+  # optax's own give-up (apply the update after N failures) is disabled: it would write the NaNs
+  # into the parameters; the training loop stops the run after train.max_bad_steps instead.
+  return optax.apply_if_finite(tx, max_consecutive_errors=_NEVER), schedule
+
+
+def bad_steps(opt_state: optax.ApplyIfFiniteState) -> tuple[jax.Array, jax.Array]:
+  """(non-finite steps in a row up to now, non-finite steps in all), from the state of `make`'s optimizer."""
+  return opt_state.notfinite_count, opt_state.total_notfinite

@@ -15,7 +15,7 @@ from lm import sharding
 class TrainState(flax.struct.PyTreeNode):
   """Everything a training step changes, and nothing a checkpoint cannot hold."""
 
-  step: jax.Array  # int32 scalar: optimizer updates applied so far
+  step: jax.Array  # int32 scalar: training steps taken (steps with non-finite gradients included)
   params: Any
   opt_state: Any
 
@@ -27,17 +27,19 @@ def _init_boxed(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Arr
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def state_shardings(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, axis_rules: sharding.Rules):
-  """The NamedSharding of every leaf of the TrainState, from the parameters' logical axis names."""
-  abstract_state = jax.eval_shape(lambda rng: _init_boxed(model, tx, rng), jax.random.key(0))
-  logical_specs = nn.get_partition_spec(abstract_state)
-  return nn.logical_to_mesh_sharding(logical_specs, mesh, axis_rules)
+def abstract_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, axis_rules: sharding.Rules) -> TrainState:
+  """The state's shapes and dtypes, each leaf carrying the NamedSharding its logical axis names give it."""
+  boxed = jax.eval_shape(lambda rng: _init_boxed(model, tx, rng), jax.random.key(0))
+  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, axis_rules)
+  return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), nn.unbox(boxed), shardings)
 
 
-def create(
-    model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, axis_rules: sharding.Rules, seed: int
-) -> tuple[TrainState, TrainState]:
-  """Returns (state, its shardings); the init runs under jit with out_shardings, so each device makes only its shard."""
-  shardings = state_shardings(model, tx, mesh, axis_rules)
-  init = jax.jit(lambda rng: nn.unbox(_init_boxed(model, tx, rng)), out_shardings=shardings)
-  return init(jax.random.key(seed)), shardings
+def shardings_of(abstract: TrainState) -> TrainState:
+  """The NamedSharding of every leaf of an abstract state."""
+  return jax.tree.map(lambda leaf: leaf.sharding, abstract)
+
+
+def init(model: nn.Module, tx: optax.GradientTransformation, abstract: TrainState, seed: int) -> TrainState:
+  """A fresh state; the init runs under jit with out_shardings, so each device makes only its shard."""
+  make = jax.jit(lambda rng: nn.unbox(_init_boxed(model, tx, rng)), out_shardings=shardings_of(abstract))
+  return make(jax.random.key(seed))

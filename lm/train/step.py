@@ -12,6 +12,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from lm import sharding
+from lm.train import optimizer
 from lm.train.state import TrainState
 
 Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions [B, T] int32; weights [B, T] float32
@@ -88,11 +89,14 @@ def train_step(
 
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  bad_steps_in_a_row, bad_steps = optimizer.bad_steps(opt_state)
   metrics = {
       "loss": cross_entropy_sum / num_tokens,
       "grad_norm": optax.tree.norm(grads),
       "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
       "tokens": weight_sum,
+      "bad_steps_in_a_row": bad_steps_in_a_row,  # steps with NaN or Inf gradients, not applied
+      "bad_steps": bad_steps,
   }
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

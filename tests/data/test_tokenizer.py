@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 
 from lm.data import tokenizer as tokenizer_lib
 
-from conftest import make_document  # tests/data/conftest.py
+from conftest import make_document  # tests/conftest.py
 
 SOURCE_CODE = 'def f(x):\n\tif x:\r\n        return "▁ ok"  # ▁▁\n\n\n    pass\x00\x7f'
 

@@ -22,7 +22,7 @@ def test_token_losses_match_optax_and_hand_computed_z():
 def _run(config, num_steps, devices=None):
   """Losses of the first `num_steps` steps on `devices`, and the final state."""
   run = loop.setup(config, devices)
-  state = run.state
+  state = run.init_state()
   losses = []
   for step, batch in zip(range(num_steps), run.train_batches(config)):
     state, metrics = run.train_step(state, batch, jax.random.fold_in(jax.random.key(0), step))
@@ -46,8 +46,9 @@ def test_weights_exclude_tokens_from_the_loss(tiny_config):
   weights = np.ones(batch["weights"].shape, np.float32)
   weights[:, 8:] = 0.0
   half = dict(batch, weights=jax.device_put(weights, batch["weights"].sharding))
-  params = jax.tree.map(jnp.copy, run.state.params)  # the step donates its state
-  _, metrics = run.train_step(run.state, half, jax.random.key(0))
+  state = run.init_state()
+  params = jax.tree.map(jnp.copy, state.params)  # the step donates its state
+  _, metrics = run.train_step(state, half, jax.random.key(0))
   logits = run.model.apply({"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"])
   cross_entropy, _ = step_lib.token_losses(logits, batch["targets"])
   np.testing.assert_allclose(metrics["loss"], np.mean(np.asarray(cross_entropy)[:, :8]), rtol=1e-5)

@@ -1,0 +1,166 @@
+"""Orbax checkpoints of a run: async saves, restoring onto any mesh, starting from another run, preemption.
+
+A checkpoint holds four items: the TrainState, the data position, the config and metadata
+(step, tokens seen, training seconds, lm version). Orbax writes each step into a temporary
+directory and renames it when complete, so a checkpoint interrupted mid-write is never restored.
+"""
+
+import dataclasses
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+import lm
+from lm.config import ConfigError
+from lm.train.state import TrainState
+
+ITEMS = ("state", "data", "config", "metadata")
+
+
+def directory(workdir: str) -> str:
+  """Where a run's checkpoints live."""
+  return os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
+
+
+def manager(workdir: str, checkpoint: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+  """The run's CheckpointManager: keeps the newest `keep`, and every `keep_period`-th step forever."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=checkpoint.keep,
+      keep_period=checkpoint.keep_period or None,
+      enable_async_checkpointing=checkpoint.async_save,
+      cleanup_tmp_directories=True,  # leftovers of a save that was killed
+  )
+  return ocp.CheckpointManager(directory(workdir), options=options, item_names=ITEMS)
+
+
+def save(
+    checkpoints: ocp.CheckpointManager,
+    step: int,
+    state: TrainState,
+    data: dict[str, Any],
+    config: ml_collections.ConfigDict,
+    metadata: dict[str, Any],
+) -> None:
+  """Starts writing a checkpoint of `step`; returns once the state is copied off the devices."""
+  checkpoints.save(
+      step,
+      args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=ocp.args.JsonSave(data),
+          config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+          metadata=ocp.args.JsonSave({**metadata, "step": step, "lm_version": lm.__version__, "saved_at": time.time()}),
+      ),
+      force=True,  # the loop decides when to save
+  )
+
+
+@dataclasses.dataclass
+class Restored:
+  """A checkpoint read back: the state on the current mesh, and the JSON items."""
+
+  step: int
+  state: TrainState
+  data: dict[str, Any]
+  metadata: dict[str, Any]
+
+
+def restore_latest(checkpoints: ocp.CheckpointManager, abstract_state: TrainState) -> Restored | None:
+  """The newest complete checkpoint, read directly into `abstract_state`'s shardings; None if there is none."""
+  step = checkpoints.latest_step()
+  if step is None:
+    return None
+  restored = checkpoints.restore(
+      step,
+      args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data=ocp.args.JsonRestore(),
+          metadata=ocp.args.JsonRestore(),
+      ),
+  )
+  return Restored(step, restored["state"], restored["data"], restored["metadata"])
+
+
+def _path_name(path) -> str:
+  return "/".join(str(getattr(entry, "key", getattr(entry, "name", entry))) for entry in path)
+
+
+def init_from(checkpoint: ml_collections.ConfigDict, state: TrainState, abstract_state: TrainState) -> TrainState:
+  """`state` with the params (and, if checkpoint.init_opt_state, the optimizer state) of another run's latest checkpoint.
+
+  checkpoint.init_from names that run's workdir or its checkpoints directory.
+  """
+  path = os.path.abspath(os.path.expanduser(checkpoint.init_from))
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
+  other = ocp.CheckpointManager(
+      path,
+      options=ocp.CheckpointManagerOptions(read_only=True),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler()},  # reads a subtree of the saved state
+  )
+  step = other.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"checkpoint.init_from: no checkpoint in {path}")
+
+  parts = ("params", "opt_state") if checkpoint.init_opt_state else ("params",)
+  target = {part: getattr(abstract_state, part) for part in parts}
+  stored = dict(jax.tree_util.tree_flatten_with_path(other.item_metadata(step)["state"].tree)[0])
+  stored_shapes = {_path_name(path): tuple(leaf.shape) for path, leaf in stored.items()}
+  for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
+    name = _path_name(leaf_path)
+    if name not in stored_shapes:
+      raise ConfigError(f"checkpoint.init_from: {name} is not in {path} (step {step})")
+    if stored_shapes[name] != tuple(leaf.shape):
+      raise ConfigError(
+          f"checkpoint.init_from: {name} has shape {stored_shapes[name]} in {path} but {tuple(leaf.shape)} in this model"
+      )
+  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+  restored = other.restore(
+      step,
+      args=ocp.args.Composite(state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)),
+  )["state"]
+  print(f"Initialized {' and '.join(parts)} from {path} (step {step})", flush=True)
+  return state.replace(**restored)
+
+
+class PreemptionWatcher:
+  """Notices SIGTERM / SIGINT (one process) or JAX's preemption sync point (several processes).
+
+  A signal only sets a flag: the loop finishes the step it is on, saves, and exits. A second
+  SIGINT (Ctrl-C) stops at once.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self, checkpoints: ocp.CheckpointManager):
+    self._checkpoints = checkpoints
+    self.signal_name: str | None = None
+    self._previous = {}
+
+  def __enter__(self) -> "PreemptionWatcher":
+    # Several processes learn of a preemption through JAX's coordination service instead, which
+    # makes all of them stop at the same step.
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for number, handler in self._previous.items():
+      signal.signal(number, handler)
+
+  def _handle(self, number: int, frame) -> None:
+    del frame
+    self.signal_name = signal.Signals(number).name
+    signal.signal(number, self._previous[number])  # a second signal acts at once
+
+  def requested(self, step: int) -> bool:
+    """Whether to save now and stop; on several processes, all of them answer alike at `step`."""
+    if jax.process_count() > 1 and self._checkpoints.reached_preemption(step):
+      self.signal_name = "preemption notice"
+    return self.signal_name is not None
