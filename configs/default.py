@@ -101,6 +101,10 @@ def get_config() -> ml_collections.ConfigDict:
   train.log_every = 10  # steps between metrics lines
   train.max_bad_steps = 10  # stop after this many steps in a row with NaN / Inf gradients (each is skipped)
 
+  config.eval = evaluation = ml_collections.ConfigDict()
+  evaluation.every = 1000  # steps between evaluations on the validation split (and at the end); 0: never
+  evaluation.steps = 20  # batches per evaluation; 0: the whole validation split
+
   config.checkpoint = checkpoint = ml_collections.ConfigDict()
   checkpoint.every = 1000  # steps between checkpoints (also saved at the end and when preempted); 0: end only
   checkpoint.keep = 3  # newest checkpoints kept

@@ -32,4 +32,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.steps = 500
   config.train.log_every = 10
   config.checkpoint.every = 100
+  config.eval.every = 100
+  config.eval.steps = 0  # the whole validation split: 32 batches
   return config

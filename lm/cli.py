@@ -1,4 +1,4 @@
-"""What every `python -m lm.<command> --config=...` shares: the config flag and one-line errors."""
+"""What every `python -m lm.<command>` shares: flag parsing and one-line errors."""
 
 import os
 import sys
@@ -10,33 +10,41 @@ from ml_collections import config_flags
 
 from lm import config as config_lib
 
-CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
 
-
-def run(main: Callable[[ml_collections.ConfigDict], None]) -> None:
-  """Parses flags and calls main(config); a mistake the user can fix ends in one line, not a traceback."""
+def run(main: Callable[[], None]) -> None:
+  """Parses flags and calls main(); a mistake the user can fix ends in one line, not a traceback."""
 
   def absl_main(argv: list[str]) -> None:
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)  # jax's INFO lines would bury the progress lines
-    config_path = config_flags.get_config_filename(flags.FLAGS["config"])
-    if not os.path.isfile(config_path):
-      sys.exit(f"error: config file {config_path} not found")
     try:
-      main(CONFIG.value)
+      main()
     except config_lib.ConfigError as error:
       sys.exit(f"error: config {error}")
     except config_lib.UserError as error:
       sys.exit(f"error: {error}")
-    except OSError as error:  # a missing data path, or a config file that failed to load
+    except OSError as error:  # a missing path, or a config file that failed to load
       sys.exit(f"error: {' '.join(str(error).split())}")
 
-  flags.mark_flags_as_required(["config"])
   try:
     app.run(absl_main)
-  except AttributeError as error:  # raised while parsing an override of a field that does not exist
+  except AttributeError as error:  # raised while parsing an override of a config field that does not exist
     field = str(error).strip("\"'")
     overrides = [arg.split("=")[0] for arg in sys.argv[1:] if arg.startswith("--config.") and field in arg]
     sys.exit(f"error: unknown config field {' '.join(overrides) or field}; see configs/default.py for the fields")
+
+
+def run_with_config(main: Callable[[ml_collections.ConfigDict], None]) -> None:
+  """`run` for commands that take --config=configs/X.py [--config.a.b=value ...]: calls main(config)."""
+  config_flag = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
+  flags.mark_flags_as_required(["config"])
+
+  def main_with_config() -> None:
+    config_path = config_flags.get_config_filename(flags.FLAGS["config"])
+    if not os.path.isfile(config_path):
+      raise FileNotFoundError(f"config file {config_path} not found")
+    main(config_flag.value)
+
+  run(main_with_config)

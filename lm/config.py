@@ -166,6 +166,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   _require(train.log_every >= 1, "train.log_every", f"must be >= 1, got {train.log_every}")
   _require(train.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {train.max_bad_steps}")
 
+  _require(config.eval.every >= 0, "eval.every", f"must be >= 0 (0: never), got {config.eval.every}")
+  _require(config.eval.steps >= 0, "eval.steps", f"must be >= 0 (0: the whole split), got {config.eval.steps}")
+
   checkpoint = config.checkpoint
   _require(checkpoint.every >= 0, "checkpoint.every", f"must be >= 0 (0: only at the end), got {checkpoint.every}")
   _require(checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {checkpoint.keep}")

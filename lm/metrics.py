@@ -140,6 +140,10 @@ class Throughput:
     """Starts a new window at `step` (after restoring, or after compilation)."""
     self._last_time, self._last_step = time.perf_counter(), step
 
+  def exclude(self, seconds: float) -> None:
+    """Leaves `seconds` (spent evaluating, say) out of the current window."""
+    self._last_time += seconds
+
   def measure(self, step: int, tokens_per_step: float) -> dict[str, float]:
     """Rates over the steps since the last call."""
     now = time.perf_counter()

@@ -24,4 +24,4 @@ def prepare(config) -> None:
 
 
 if __name__ == "__main__":
-  cli.run(prepare)
+  cli.run_with_config(prepare)

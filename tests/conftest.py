@@ -1,7 +1,8 @@
 """Every test sees 8 simulated CPU devices, so sharded code runs on any machine.
 
 Shared fixtures: `tiny_config` (a two-layer model on synthetic data), `corpus_dir` (a folder of
-small text documents) and `text_config` (the tiny model on that folder).
+small text documents), `text_config` (the tiny model on that folder) and `trained_run` (a short
+run of it, with checkpoints).
 """
 
 import os
@@ -100,3 +101,14 @@ def text_config(tiny_config, corpus_dir, tmp_path_factory):
     )
 
   return make
+
+
+@pytest.fixture(scope="session")
+def trained_run(text_config, tmp_path_factory):
+  """(config, workdir) of a 6-step run on the corpus, over 8 devices, with checkpoints at steps 3 and 6."""
+  from lm.train import loop
+
+  config = text_config({"train.steps": 6, "train.log_every": 1, "checkpoint.every": 3, "eval.every": 3, "eval.steps": 2})
+  workdir = str(tmp_path_factory.mktemp("trained_run"))
+  loop.train(config, workdir)
+  return config, workdir

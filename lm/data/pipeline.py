@@ -115,12 +115,13 @@ def eval_batches(
     builder: tfds.core.DatasetBuilder,
     eos_id: int,
     max_batches: int = 0,
+    split: str = "validation",
 ) -> Iterator[dict[str, jax.Array]]:
-  """The validation split in order, in global batches (the remainder dropped); at most `max_batches` if > 0."""
+  """A split in order, in global batches (the remainder dropped); at most `max_batches` if > 0."""
   data = config.data
   batch_sharding = sharding.logical_sharding(mesh, axis_rules, sharding.BATCH_AXES)
   rows = sharding.process_rows(batch_sharding, (data.batch_size, data.seq_len))
-  windows = _windows(builder, "validation", data.seq_len, shuffle_seed=None)
+  windows = _windows(builder, split, data.seq_len, shuffle_seed=None)
   count = len(windows) // data.batch_size
   if max_batches > 0:
     count = min(count, max_batches)

@@ -9,6 +9,7 @@ import io
 import os
 from typing import Iterable, Iterator
 
+import numpy as np
 import sentencepiece as spm
 
 from lm.config import ConfigError
@@ -50,6 +51,16 @@ class Tokenizer:
     if any(_SPACE_MARK in text for text in texts):
       return [self.encode(text) for text in texts]
     return self._sp.encode(texts, num_threads=num_threads or os.cpu_count())
+
+  def byte_lengths(self, padded_vocab_size: int) -> np.ndarray:
+    """[padded_vocab_size] int32: UTF-8 bytes of text each id stands for (0 for BOS, EOS and padding ids)."""
+    lengths = np.zeros(padded_vocab_size, np.int32)
+    for piece_id in range(self.vocab_size):
+      if self._sp.is_byte(piece_id):
+        lengths[piece_id] = 1
+      elif not (self._sp.is_control(piece_id) or self._sp.is_unknown(piece_id)):
+        lengths[piece_id] = len(self._sp.id_to_piece(piece_id).replace(_SPACE_MARK, " ").encode())
+    return lengths
 
   def decode(self, ids: Iterable[int]) -> str:
     """The text of `ids`; BOS and EOS decode to nothing."""

@@ -12,22 +12,25 @@ from jax.ad_checkpoint import checkpoint_name
 from lm.models import layers
 
 
-def attention_mask(segment_ids_BT: jax.Array) -> jax.Array:
-  """[B, T, S] True where query t may attend to key s: causal, and within the same packed document."""
-  length = segment_ids_BT.shape[1]
-  causal_TS = jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))
-  same_document_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+def attention_mask(q_segment_ids_BT: jax.Array, kv_segment_ids_BS: jax.Array, q_start: jax.Array | int = 0) -> jax.Array:
+  """[B, T, S] True where query t may attend to key s: same packed document, and s <= the query's index.
+
+  Query t sits at sequence index q_start + t (q_start > 0 when decoding into a KV cache).
+  """
+  q_index_T1 = q_start + jnp.arange(q_segment_ids_BT.shape[1])[:, None]
+  causal_TS = jnp.arange(kv_segment_ids_BS.shape[1])[None, :] <= q_index_T1
+  same_document_BTS = q_segment_ids_BT[:, :, None] == kv_segment_ids_BS[:, None, :]
   return causal_TS[None] & same_document_BTS
 
 
-def xla_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, segment_ids_BT: jax.Array) -> jax.Array:
+def xla_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS, q_start=None) -> jax.Array:
   """Plain einsum attention; softmax in float32. Returns [B, T, N, H]."""
   batch, length, num_heads, head_dim = q_BTNH.shape
   num_kv_heads = k_BSKH.shape[2]
   q_BTKGH = q_BTNH.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
   scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
   scores_BKGTS = scores_BKGTS * head_dim**-0.5
-  mask_B11TS = attention_mask(segment_ids_BT)[:, None, None]
+  mask_B11TS = attention_mask(q_segment_ids_BT, kv_segment_ids_BS, 0 if q_start is None else q_start)[:, None, None]
   # Every query sees at least itself, so no row is fully masked and the finite fill never leaks.
   scores_BKGTS = jnp.where(mask_B11TS, scores_BKGTS, jnp.finfo(jnp.float32).min)
   probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)
@@ -35,21 +38,28 @@ def xla_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, segme
   return out_BTKGH.reshape(batch, length, num_heads, head_dim)
 
 
-def dot_product_attention(
-    q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, segment_ids_BT: jax.Array
-) -> jax.Array:
+def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS, q_start=None) -> jax.Array:
   """jax.nn.dot_product_attention, which picks cuDNN's fused kernel on GPUs. Returns [B, T, N, H]."""
-  same_document_B1TS = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
-  return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=same_document_B1TS, is_causal=True)
+  if q_start is None:  # training: the kernel's own causal masking, which lets it skip masked blocks
+    same_document_B1TS = (q_segment_ids_BT[:, :, None] == kv_segment_ids_BS[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=same_document_B1TS, is_causal=True)
+  mask_B1TS = attention_mask(q_segment_ids_BT, kv_segment_ids_BS, q_start)[:, None]
+  return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS)
 
 
 KERNELS = {"xla": xla_attention, "dot_product": dot_product_attention}
 
 
 class Attention(nn.Module):
-  """Projects to queries, keys and values, applies the kernel, and projects back to D."""
+  """Projects to queries, keys and values, applies the kernel, and projects back to D.
+
+  With `decode`, keys and values also go into a cache (collection "cache") that grows with each
+  call, so generation feeds only the new tokens. model.init(..., decode=True) sizes the cache by
+  the length of its inputs.
+  """
 
   cfg: layers.ModelConfig
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x_BTD: jax.Array, segment_ids_BT: jax.Array, positions_BT: jax.Array) -> jax.Array:
@@ -68,7 +78,27 @@ class Attention(nn.Module):
     k_BSKH = checkpoint_name(k_BSKH, "key_proj")
     v_BSKH = checkpoint_name(v_BSKH, "value_proj")
 
-    out_BTNH = KERNELS[cfg.attention](q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+    kv_segment_ids_BS, q_start = segment_ids_BT, None
+    if self.decode and self.has_variable("cache", "cached_key"):
+      k_BSKH, v_BSKH, kv_segment_ids_BS, q_start = self._append_to_cache(k_BSKH, v_BSKH, segment_ids_BT)
+    elif self.decode:  # model.init: create the empty cache, as long as these inputs
+      self.variable("cache", "cached_key", jnp.zeros, k_BSKH.shape, k_BSKH.dtype)
+      self.variable("cache", "cached_value", jnp.zeros, v_BSKH.shape, v_BSKH.dtype)
+      self.variable("cache", "cached_segment_ids", jnp.zeros, segment_ids_BT.shape, jnp.int32)  # 0: empty slot
+      self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+
+    out_BTNH = KERNELS[cfg.attention](q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, kv_segment_ids_BS, q_start)
 
     out_BTD = layers.Projection(cfg, (cfg.embed_dim,), ("heads", "head_dim", "embed"), residual=True, name="out")(out_BTNH)
     return checkpoint_name(out_BTD, "out_proj")
+
+  def _append_to_cache(self, k_BTKH, v_BTKH, segment_ids_BT):
+    """Writes the new keys / values at the cache's index; returns the whole cache and where the queries start."""
+    key, value = self.variable("cache", "cached_key"), self.variable("cache", "cached_value")
+    segment_ids, index = self.variable("cache", "cached_segment_ids"), self.variable("cache", "cache_index")
+    start = index.value
+    key.value = jax.lax.dynamic_update_slice(key.value, k_BTKH.astype(key.value.dtype), (0, start, 0, 0))
+    value.value = jax.lax.dynamic_update_slice(value.value, v_BTKH.astype(value.value.dtype), (0, start, 0, 0))
+    segment_ids.value = jax.lax.dynamic_update_slice(segment_ids.value, segment_ids_BT.astype(jnp.int32), (0, start))
+    index.value = start + k_BTKH.shape[1]
+    return key.value, value.value, segment_ids.value, start

@@ -28,13 +28,14 @@ class Block(nn.Module):
 
   cfg: layers.ModelConfig
   deterministic: bool
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x_BTD: jax.Array, segment_ids_BT: jax.Array, positions_BT: jax.Array) -> tuple[jax.Array, None]:
     cfg = self.cfg
     x_BTD = layers.constrain(x_BTD, layers.ACTIVATION_AXES)
     h_BTD = layers.norm(cfg, "attn_norm")(x_BTD)
-    h_BTD = attention.Attention(cfg, name="attn")(h_BTD, segment_ids_BT, positions_BT)
+    h_BTD = attention.Attention(cfg, self.decode, name="attn")(h_BTD, segment_ids_BT, positions_BT)
     x_BTD = x_BTD + nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=self.deterministic)
     h_BTD = layers.norm(cfg, "mlp_norm")(x_BTD)
     h_BTD = layers.Mlp(cfg, name="mlp")(h_BTD)
@@ -54,8 +55,12 @@ class Transformer(nn.Module):
       segment_ids_BT: jax.Array,
       positions_BT: jax.Array,
       deterministic: bool = True,
+      decode: bool = False,
   ) -> jax.Array:
-    """Returns logits_BTV in the compute dtype."""
+    """Returns logits_BTV in the compute dtype.
+
+    With `decode`, attention appends to and reads from a KV cache (mutable collection "cache").
+    """
     cfg = self.cfg
     token_embed = layers.embedding(cfg, cfg.vocab_size, "vocab", "token_embed")
     x_BTD = token_embed(tokens_BT)
@@ -65,22 +70,22 @@ class Transformer(nn.Module):
     x_BTD = layers.constrain(x_BTD, layers.ACTIVATION_AXES)
 
     block = Block
-    if cfg.remat_policy != "none":
+    if cfg.remat_policy != "none" and not decode:
       # Inside a scan, CSE cannot undo the rematerialization, so the barrier it needs is skipped.
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       stack = nn.scan(
           block,
-          variable_axes={"params": 0},
+          variable_axes={"params": 0, "cache": 0},
           split_rngs={"params": True, "dropout": True},
           in_axes=(nn.broadcast, nn.broadcast),
           length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )
-      x_BTD, _ = stack(cfg, deterministic, name="layers")(x_BTD, segment_ids_BT, positions_BT)
+      x_BTD, _ = stack(cfg, deterministic, decode, name="layers")(x_BTD, segment_ids_BT, positions_BT)
     else:
       for i in range(cfg.num_layers):
-        x_BTD, _ = block(cfg, deterministic, name=f"layers_{i}")(x_BTD, segment_ids_BT, positions_BT)
+        x_BTD, _ = block(cfg, deterministic, decode, name=f"layers_{i}")(x_BTD, segment_ids_BT, positions_BT)
 
     x_BTD = layers.norm(cfg, "final_norm")(x_BTD)
     if cfg.tie_embeddings:

@@ -9,4 +9,4 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["workdir"])
-  cli.run(lambda config: loop.train(config, _WORKDIR.value))
+  cli.run_with_config(lambda config: loop.train(config, _WORKDIR.value))

@@ -91,41 +91,60 @@ def _path_name(path) -> str:
   return "/".join(str(getattr(entry, "key", getattr(entry, "name", entry))) for entry in path)
 
 
+def read_only_manager(path: str) -> ocp.CheckpointManager:
+  """A manager for reading the checkpoints of a run's workdir (or of its checkpoints directory)."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no checkpoints at {path}")
+  json_items = {name: ocp.JsonCheckpointHandler() for name in ITEMS if name != "state"}
+  return ocp.CheckpointManager(
+      path,
+      options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler(), **json_items},  # the state handler reads subtrees
+  )
+
+
+def restore_parts(checkpoints: ocp.CheckpointManager, step: int | None, target: dict[str, Any], field: str) -> dict[str, Any]:
+  """Parts of a saved TrainState (e.g. {"params": abstract params}), read into the target's shardings.
+
+  `step` None means the latest. A part missing from the checkpoint, or of another shape, is a
+  ConfigError that names the parameter (and the config `field` that led here).
+  """
+  step = checkpoints.latest_step() if step is None else step
+  if step is None or step not in checkpoints.all_steps():
+    raise FileNotFoundError(f"{field}: no checkpoint {'' if step is None else step} in {checkpoints.directory}")
+  stored = jax.tree_util.tree_flatten_with_path(checkpoints.item_metadata(step)["state"].tree)[0]
+  stored_shapes = {_path_name(path): tuple(leaf.shape) for path, leaf in stored}
+  for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
+    name = _path_name(leaf_path)
+    if name not in stored_shapes:
+      raise ConfigError(f"{field}: {name} is not in {checkpoints.directory} (step {step})")
+    if stored_shapes[name] != tuple(leaf.shape):
+      raise ConfigError(
+          f"{field}: {name} has shape {stored_shapes[name]} in {checkpoints.directory} but {tuple(leaf.shape)} in this model"
+      )
+  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+  state_args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+  return checkpoints.restore(step, args=ocp.args.Composite(state=state_args))["state"]
+
+
+def restore_config(checkpoints: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
+  """The config a checkpoint was saved with."""
+  return ml_collections.ConfigDict(checkpoints.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
+
+
 def init_from(checkpoint: ml_collections.ConfigDict, state: TrainState, abstract_state: TrainState) -> TrainState:
   """`state` with the params (and, if checkpoint.init_opt_state, the optimizer state) of another run's latest checkpoint.
 
   checkpoint.init_from names that run's workdir or its checkpoints directory.
   """
-  path = os.path.abspath(os.path.expanduser(checkpoint.init_from))
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    path = os.path.join(path, "checkpoints")
-  other = ocp.CheckpointManager(
-      path,
-      options=ocp.CheckpointManagerOptions(read_only=True),
-      item_handlers={"state": ocp.PyTreeCheckpointHandler()},  # reads a subtree of the saved state
-  )
-  step = other.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"checkpoint.init_from: no checkpoint in {path}")
-
+  other = read_only_manager(checkpoint.init_from)
   parts = ("params", "opt_state") if checkpoint.init_opt_state else ("params",)
   target = {part: getattr(abstract_state, part) for part in parts}
-  stored = dict(jax.tree_util.tree_flatten_with_path(other.item_metadata(step)["state"].tree)[0])
-  stored_shapes = {_path_name(path): tuple(leaf.shape) for path, leaf in stored.items()}
-  for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
-    name = _path_name(leaf_path)
-    if name not in stored_shapes:
-      raise ConfigError(f"checkpoint.init_from: {name} is not in {path} (step {step})")
-    if stored_shapes[name] != tuple(leaf.shape):
-      raise ConfigError(
-          f"checkpoint.init_from: {name} has shape {stored_shapes[name]} in {path} but {tuple(leaf.shape)} in this model"
-      )
-  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-  restored = other.restore(
-      step,
-      args=ocp.args.Composite(state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)),
-  )["state"]
-  print(f"Initialized {' and '.join(parts)} from {path} (step {step})", flush=True)
+  restored = restore_parts(other, None, target, "checkpoint.init_from")
+  print(f"Initialized {' and '.join(parts)} from {other.directory} (step {other.latest_step()})", flush=True)
   return state.replace(**restored)
 
 

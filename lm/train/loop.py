@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import shutil
 import time
 from typing import Sequence
 
@@ -12,6 +13,8 @@ import optax
 from jax.sharding import Mesh
 
 from lm import config as config_lib
+from lm import evaluate as evaluate_lib
+from lm import inference
 from lm import metrics as metrics_lib
 from lm import sharding
 from lm.data import pipeline, tfds_builder, tokenizer as tokenizer_lib
@@ -30,6 +33,7 @@ class TrainSetup:
   tx: optax.GradientTransformation
   abstract_state: state_lib.TrainState  # shapes, dtypes and shardings, no values
   train_step: sharding.MeshJit  # (state, batch, rng) -> (state, metrics)
+  eval_step: sharding.MeshJit  # (params, batch, byte_lengths_V) -> sums
   tokenizer: tokenizer_lib.Tokenizer | None  # None for synthetic data
   dataset: tfds_builder.TokenizedText | None
 
@@ -41,6 +45,13 @@ class TrainSetup:
     """The global batches of steps start_step, start_step + 1, ..."""
     eos_id = self.tokenizer.eos_id if self.tokenizer else None
     return pipeline.train_batches(config, self.mesh, self.axis_rules, self.dataset, eos_id, start_step)
+
+  def evaluate(self, params, config: ml_collections.ConfigDict) -> dict[str, float]:
+    """eval_loss, eval_perplexity, eval_bits_per_byte over config.eval.steps batches of the validation split."""
+    batches = pipeline.eval_batches(config, self.mesh, self.axis_rules, self.dataset, self.tokenizer.eos_id, config.eval.steps)
+    byte_lengths_V = self.tokenizer.byte_lengths(config.model.vocab_size)
+    result = evaluate_lib.evaluate(self.eval_step, params, batches, byte_lengths_V)
+    return {f"eval_{name}": value for name, value in result.items() if name != "tokens"}
 
 
 def setup(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> TrainSetup:
@@ -54,13 +65,20 @@ def setup(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
   if config.data.source != "synthetic":
     tokenizer, dataset = tfds_builder.prepare(config.data)
     config.model.vocab_size = tokenizer_lib.padded_vocab_size(tokenizer.vocab_size, config.model.vocab_multiple)
+    if config.eval.every and pipeline.num_windows(dataset, "validation", config.data.seq_len) < config.data.batch_size:
+      raise config_lib.ConfigError(
+          f"data.validation_fraction: the validation split ({dataset.info.metadata['validation_tokens']:,} tokens) "
+          f"holds less than one batch of data.batch_size x data.seq_len; raise it, or set eval.every=0"
+      )
   mesh = sharding.make_mesh(config.mesh, devices)
   axis_rules = sharding.rules(config.mesh)
   model = Transformer(ml_collections.FrozenConfigDict(config.model))
   tx, schedule = optimizer.make(config.optimizer, config.train.steps)
   abstract = state_lib.abstract_state(model, tx, mesh, axis_rules)
-  train_step = step_lib.make_train_step(model, tx, schedule, config.train, mesh, axis_rules, state_lib.shardings_of(abstract))
-  return TrainSetup(config, mesh, axis_rules, model, tx, abstract, train_step, tokenizer, dataset)
+  shardings = state_lib.shardings_of(abstract)
+  train_step = step_lib.make_train_step(model, tx, schedule, config.train, mesh, axis_rules, shardings)
+  eval_step = step_lib.make_eval_step(model, mesh, axis_rules, shardings.params)
+  return TrainSetup(config, mesh, axis_rules, model, tx, abstract, train_step, eval_step, tokenizer, dataset)
 
 
 class TrainingError(config_lib.UserError):
@@ -80,6 +98,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
+    if run.tokenizer:  # the run keeps its own copy, so evaluation and export never retrain one
+      shutil.copyfile(run.tokenizer.path, os.path.join(workdir, inference.TOKENIZER_FILE))
+  evaluating = bool(config.eval.every) and run.dataset is not None
+  if config.eval.every and not evaluating:
+    print("Not evaluating: synthetic data has no validation split")
 
   checkpoints = checkpoint.manager(workdir, config.checkpoint)
   restored = checkpoint.restore_latest(checkpoints, run.abstract_state)
@@ -115,9 +138,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
     }
     checkpoint.save(checkpoints, step, state, data_position(config, run, step), config, metadata)
 
+  eval_results = {}  # step -> eval metrics, written with that step's row
+
   def log(logged_step: int, device_metrics: dict[str, jax.Array]) -> None:
     host_metrics = jax.device_get(device_metrics)  # waits for that step to finish
-    writer.write(logged_step, {**host_metrics, **throughput.measure(logged_step, tokens_per_step)})
+    rates = throughput.measure(logged_step, tokens_per_step)
+    writer.write(logged_step, {**host_metrics, **rates, **eval_results.pop(logged_step, {})})
 
   # The previous step's metrics are read only after this step is dispatched, so the device always
   # has work queued while the host waits on them.
@@ -127,7 +153,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
       state, step_metrics = run.train_step(state, next(batches), jax.random.fold_in(step_rng, step))
       if previous is not None:
         previous_step, previous_metrics = previous
-        if previous_step % config.train.log_every == 0:
+        if previous_step % config.train.log_every == 0 or previous_step in eval_results:
           log(previous_step, previous_metrics)
         bad_in_a_row = int(previous_metrics["bad_steps_in_a_row"])
         if bad_in_a_row >= config.train.max_bad_steps:
@@ -137,8 +163,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
               f"stopped. The last checkpoint is step {checkpoints.latest_step()}. Lower optimizer.learning_rate, "
               "raise train.max_bad_steps, or look at the data of those steps."
           )
-      previous = (step + 1, step_metrics)
       done = step + 1
+      previous = (done, step_metrics)
+      if evaluating and (done % config.eval.every == 0 or done == config.train.steps):
+        eval_started = time.perf_counter()
+        eval_results[done] = run.evaluate(state.params, config)
+        throughput.exclude(time.perf_counter() - eval_started)
       every = config.checkpoint.every
       if preemption.requested(done) or (every and done % every == 0) or done == config.train.steps:
         save(done)

@@ -20,18 +20,33 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: Any
 
 
+def _init_params_boxed(model: nn.Module, rng: jax.Array):
+  """Initial parameters, still wrapped in their logical-axis metadata."""
+  tokens_BT = jnp.zeros((1, 1), jnp.int32)
+  return model.init(rng, tokens_BT, tokens_BT, tokens_BT)["params"]
+
+
 def _init_boxed(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
   """The initial state with parameters still wrapped in their logical-axis metadata."""
-  tokens_BT = jnp.zeros((1, 1), jnp.int32)
-  params = model.init(rng, tokens_BT, tokens_BT, tokens_BT)["params"]
+  params = _init_params_boxed(model, rng)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def abstract_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, axis_rules: sharding.Rules) -> TrainState:
-  """The state's shapes and dtypes, each leaf carrying the NamedSharding its logical axis names give it."""
-  boxed = jax.eval_shape(lambda rng: _init_boxed(model, tx, rng), jax.random.key(0))
+def _abstract(init_boxed, mesh: Mesh, axis_rules: sharding.Rules):
+  """Shapes and dtypes of init_boxed(rng)'s result, each leaf carrying the NamedSharding of its logical axes."""
+  boxed = jax.eval_shape(init_boxed, jax.random.key(0))
   shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, axis_rules)
   return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), nn.unbox(boxed), shardings)
+
+
+def abstract_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, axis_rules: sharding.Rules) -> TrainState:
+  """The TrainState's shapes, dtypes and shardings, without computing anything."""
+  return _abstract(lambda rng: _init_boxed(model, tx, rng), mesh, axis_rules)
+
+
+def abstract_params(model: nn.Module, mesh: Mesh, axis_rules: sharding.Rules):
+  """The parameters' shapes, dtypes and shardings, without computing anything."""
+  return _abstract(lambda rng: _init_params_boxed(model, rng), mesh, axis_rules)
 
 
 def shardings_of(abstract: TrainState) -> TrainState:

@@ -101,6 +101,29 @@ def train_step(
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
+def eval_step(params, batch: Batch, byte_lengths_V: jax.Array, *, model: nn.Module) -> dict[str, jax.Array]:
+  """Sums over a batch: weighted cross-entropy (nats), tokens, and the UTF-8 bytes of text they stand for."""
+  logits_BTV = model.apply({"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"])
+  cross_entropy_BT, _ = token_losses(logits_BTV, batch["targets"])
+  weights_BT = batch["weights"]
+  return {
+      "loss_sum": jnp.sum(cross_entropy_BT * weights_BT),
+      "tokens": jnp.sum(weights_BT),
+      "bytes": jnp.sum(byte_lengths_V[batch["targets"]] * weights_BT),
+  }
+
+
+def make_eval_step(model: nn.Module, mesh: Mesh, axis_rules: sharding.Rules, param_shardings) -> sharding.MeshJit:
+  """Jits `eval_step` on the params' shardings; call as step(params, batch, byte_lengths_V) -> sums."""
+  batch_sharding = sharding.logical_sharding(mesh, axis_rules, sharding.BATCH_AXES)
+  jitted = jax.jit(
+      functools.partial(eval_step, model=model),
+      in_shardings=(param_shardings, batch_sharding, sharding.replicated(mesh)),
+      out_shardings=sharding.replicated(mesh),
+  )
+  return sharding.MeshJit(jitted, mesh, axis_rules)
+
+
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,

@@ -1,0 +1,139 @@
+"""`lm.load(workdir)`: a checkpoint on this machine's devices, to evaluate and generate from.
+
+The one way the command-line tools and notebooks load a checkpoint. Parameters are restored
+straight into shards over the local devices (FSDP over all of them), whatever mesh trained them.
+"""
+
+import dataclasses
+import functools
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+
+from lm import evaluate as evaluate_lib
+from lm import generate as generate_lib
+from lm import sharding
+from lm.config import UserError
+from lm.data import pipeline, tfds_builder, tokenizer as tokenizer_lib
+from lm.models import Transformer
+from lm.train import checkpoint, state as state_lib, step as step_lib
+
+TOKENIZER_FILE = "tokenizer.model"  # a copy of the run's tokenizer, in its workdir
+
+
+def inference_mesh(mesh_config: ml_collections.ConfigDict) -> Mesh:
+  """All local devices on the fsdp axis: works for any model and any device count."""
+  mesh_config = ml_collections.ConfigDict(mesh_config)
+  mesh_config.update(data=1, fsdp=-1, tensor=1, sequence=1, dcn_data=1, dcn_fsdp=1)
+  return sharding.make_mesh(mesh_config)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+  """A run's config, tokenizer and parameters at one step, ready on the local devices."""
+
+  workdir: str
+  step: int
+  config: ml_collections.ConfigDict
+  tokenizer: tokenizer_lib.Tokenizer | None  # None for a run on synthetic data
+  model: Transformer
+  mesh: Mesh
+  axis_rules: sharding.Rules
+  params: dict = dataclasses.field(repr=False)
+  eval_step: sharding.MeshJit = dataclasses.field(repr=False)  # (params, batch, byte_lengths_V) -> sums
+  _checkpoints: ocp.CheckpointManager = dataclasses.field(repr=False)
+
+  @property
+  def data_parallel(self) -> int:
+    """Batches are split over this many devices, so their rows come in multiples of it."""
+    return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
+  def steps(self) -> list[int]:
+    """Every kept checkpoint step of the run, oldest first."""
+    return sorted(self._checkpoints.all_steps())
+
+  def at_step(self, step: int) -> "LoadedModel":
+    """The same run at another checkpoint step (compiled functions are reused)."""
+    if step == self.step:
+      return self
+    abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding), self.params)
+    params = checkpoint.restore_parts(self._checkpoints, step, {"params": abstract}, "step")["params"]
+    return dataclasses.replace(self, step=step, params=params)
+
+  def _require_tokenizer(self) -> tokenizer_lib.Tokenizer:
+    if self.tokenizer is None:
+      raise UserError(f"{self.workdir} was trained on synthetic data: it has no tokenizer and no text to evaluate")
+    return self.tokenizer
+
+  @functools.cached_property
+  def _byte_lengths(self) -> np.ndarray:
+    return self._require_tokenizer().byte_lengths(self.config.model.vocab_size)
+
+  def evaluate(self, split: str = "validation", max_batches: int = 0) -> dict[str, float]:
+    """Loss, perplexity, bits per byte and tokens over a split of the run's data (all of it if max_batches is 0)."""
+    config = self.config.copy_and_resolve_references()
+    config.data.tokenizer = self._require_tokenizer().path
+    config.data.batch_size = -(-config.data.batch_size // self.data_parallel) * self.data_parallel
+    _, dataset = tfds_builder.prepare(config.data)
+    batches = pipeline.eval_batches(config, self.mesh, self.axis_rules, dataset, self.tokenizer.eos_id, max_batches, split)
+    return evaluate_lib.evaluate(self.eval_step, self.params, batches, self._byte_lengths)
+
+  def loss(self, texts: list[str]) -> dict[str, float]:
+    """Loss, perplexity and bits per byte of each text read as a document of its own, all texts together."""
+    tokenizer = self._require_tokenizer()
+    documents = [[tokenizer.eos_id] + tokenizer.encode(text) for text in texts]  # EOS opens a document
+    length = max(len(document) for document in documents) - 1
+    num_rows = -(-len(documents) // self.data_parallel) * self.data_parallel
+    batch = {name: np.zeros((num_rows, length), np.int32) for name in ("inputs", "targets", "segment_ids", "positions")}
+    batch["weights"] = np.zeros((num_rows, length), np.float32)
+    for row, document in enumerate(documents):
+      size = len(document) - 1
+      batch["inputs"][row, :size] = document[:-1]
+      batch["targets"][row, :size] = document[1:]
+      batch["segment_ids"][row, :size] = 1
+      batch["positions"][row, :size] = np.arange(size)
+      batch["weights"][row, :size] = 1.0
+    return evaluate_lib.evaluate(self.eval_step, self.params, [batch], self._byte_lengths)
+
+  def generate(
+      self,
+      prompts: list[str],
+      max_new_tokens: int = 200,
+      temperature: float = 0.8,
+      top_k: int = 0,
+      top_p: float = 1.0,
+      seed: int = 0,
+  ) -> list[str]:
+    """The continuation of each prompt (each read as the start of a document), up to the end of the document."""
+    tokenizer = self._require_tokenizer()
+    prompt_ids = [[tokenizer.eos_id] + tokenizer.encode(prompt) for prompt in prompts]
+    new_ids = generate_lib.generate_ids(
+        self.model, self.params, self.mesh, self.axis_rules, prompt_ids, max_new_tokens=max_new_tokens,
+        eos_id=tokenizer.eos_id, vocab_size=tokenizer.vocab_size, temperature=temperature, top_k=top_k, top_p=top_p,
+        seed=seed,
+    )  # fmt: skip
+    return [tokenizer.decode(ids) for ids in new_ids]
+
+
+def load(workdir: str, step: int | None = None) -> LoadedModel:
+  """The run in `workdir` at checkpoint `step` (default: the latest), on this machine's devices."""
+  checkpoints = checkpoint.read_only_manager(workdir)
+  step = checkpoints.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}")
+  if step not in checkpoints.all_steps():
+    raise FileNotFoundError(f"no checkpoint of step {step} in {checkpoints.directory}; kept: {sorted(checkpoints.all_steps())}")
+  config = checkpoint.restore_config(checkpoints, step)
+  tokenizer_path = os.path.join(workdir, TOKENIZER_FILE)
+  tokenizer = tokenizer_lib.Tokenizer(tokenizer_path) if os.path.isfile(tokenizer_path) else None
+  model = Transformer(ml_collections.FrozenConfigDict(config.model))
+  mesh = inference_mesh(config.mesh)
+  axis_rules = sharding.rules(config.mesh)
+  abstract = state_lib.abstract_params(model, mesh, axis_rules)
+  params = checkpoint.restore_parts(checkpoints, step, {"params": abstract}, "step")["params"]
+  eval_step = step_lib.make_eval_step(model, mesh, axis_rules, state_lib.shardings_of(abstract))
+  return LoadedModel(workdir, step, config, tokenizer, model, mesh, axis_rules, params, eval_step, checkpoints)

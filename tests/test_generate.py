@@ -1,0 +1,76 @@
+"""Generation with the KV cache: greedy decoding equals the full forward pass, sampling obeys its knobs."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from lm import generate, sharding
+from lm.models import Transformer
+from lm.train import state as state_lib
+
+PROMPTS = [[5, 17, 3], [9, 2, 44, 61, 7, 100, 8], [1, 30, 30, 30, 12]]
+
+
+def _model_and_params(config, mesh_sizes):
+  config.mesh.update(mesh_sizes)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules(config.mesh)
+  model = Transformer(ml_collections.FrozenConfigDict(config.model))
+  abstract = state_lib.abstract_params(model, mesh, rules)
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  init = jax.jit(lambda rng: nn.unbox(model.init(rng, tokens, tokens, tokens)["params"]), out_shardings=state_lib.shardings_of(abstract))
+  return model, init(jax.random.key(1)), mesh, rules
+
+
+@pytest.mark.parametrize(
+    "family, model_overrides, mesh_sizes",
+    [
+        ("llama", {}, {"data": 2, "fsdp": 2, "tensor": 2}),
+        ("gpt2", {}, {"data": 1, "fsdp": 4, "tensor": 2}),
+        ("llama", {"model.scan_layers": False, "model.attention": "dot_product"}, {"data": 8}),
+    ],
+)
+def test_greedy_decoding_with_the_cache_equals_argmax_of_the_full_forward_pass(tiny_config, family, model_overrides, mesh_sizes):
+  config = tiny_config(family, model_overrides)
+  model, params, mesh, rules = _model_and_params(config, mesh_sizes)
+  new_tokens = generate.generate_ids(model, params, mesh, rules, PROMPTS, max_new_tokens=8, eos_id=-1, temperature=0.0)
+  forward = jax.jit(lambda params, tokens: model.apply({"params": params}, tokens, jnp.ones_like(tokens), jnp.arange(tokens.shape[1])[None]))
+  for prompt, generated in zip(PROMPTS, new_tokens):
+    assert len(generated) == 8
+    sequence = jnp.array([prompt + generated])
+    with sharding.activate(mesh, rules):
+      logits = forward(params, sequence)
+    predicted = np.asarray(jnp.argmax(logits[0], axis=-1))
+    np.testing.assert_array_equal(predicted[len(prompt) - 1 : -1], generated)
+
+
+def test_generation_stops_after_eos(tiny_config):
+  model, params, mesh, rules = _model_and_params(tiny_config("llama"), {"data": 8})
+  greedy = generate.generate_ids(model, params, mesh, rules, PROMPTS[:1], max_new_tokens=6, eos_id=-1, temperature=0.0)[0]
+  stopped = generate.generate_ids(model, params, mesh, rules, PROMPTS[:1], max_new_tokens=6, eos_id=greedy[2], temperature=0.0)[0]
+  assert stopped == greedy[: greedy.index(greedy[2]) + 1]
+
+
+def test_sampling_knobs():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 2000))
+  rng = jax.random.key(0)
+  assert set(np.asarray(generate.sample(logits, rng, 0.0, 0, 1.0))) == {0}  # greedy
+  assert set(np.asarray(generate.sample(logits, rng, 1.0, 1, 1.0))) == {0}  # top-1
+  assert set(np.asarray(generate.sample(logits, rng, 1.0, 2, 1.0))) == {0, 1}  # top-2
+  assert set(np.asarray(generate.sample(logits, rng, 1.0, 0, 0.7))) == {0, 1}  # 0.5 + 0.3 reach 0.7
+  assert set(np.asarray(generate.sample(logits, rng, 1.0, 0, 0.4))) == {0}
+  full = np.asarray(generate.sample(logits, rng, 1.0, 0, 1.0))
+  np.testing.assert_allclose(np.bincount(full, minlength=4) / len(full), [0.5, 0.3, 0.15, 0.05], atol=0.04)
+  np.testing.assert_array_equal(full, generate.sample(logits, rng, 1.0, 0, 1.0))  # same seed, same draw
+
+
+def test_only_ids_of_the_tokenizer_are_drawn(tiny_config):
+  """The embedding is padded past the tokenizer's vocabulary; the padding ids must never come out."""
+  model, params, mesh, rules = _model_and_params(tiny_config("llama"), {"data": 8})
+  new_tokens = generate.generate_ids(
+      model, params, mesh, rules, PROMPTS, max_new_tokens=20, eos_id=-1, vocab_size=50, temperature=2.0, seed=3
+  )
+  assert max(max(tokens) for tokens in new_tokens) < 50
