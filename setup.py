@@ -26,7 +26,7 @@ setuptools.setup(
         "importlib_resources",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6", "nbclient>=0.9", "nbformat>=5.9", "ipykernel>=6", "matplotlib>=3.7"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "psutil>=5", "nbclient>=0.9", "nbformat>=5.9", "ipykernel>=6", "matplotlib>=3.7"],
         "notebooks": ["matplotlib>=3.7", "ipykernel>=6"],
         "gpu": ["jax[cuda12]>=0.10"],
         "tpu": ["jax[tpu]>=0.10"],

@@ -4,6 +4,7 @@ import os
 import sys
 from typing import Callable
 
+import jax
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -22,11 +23,11 @@ def run(main: Callable[[], None]) -> None:
     try:
       main()
     except config_lib.ConfigError as error:
-      sys.exit(f"error: config {error}")
+      _exit(f"error: config {error}")
     except config_lib.UserError as error:
-      sys.exit(f"error: {error}")
+      _exit(f"error: {error}")
     except OSError as error:  # a missing path, or a config file that failed to load
-      sys.exit(f"error: {' '.join(str(error).split())}")
+      _exit(f"error: {' '.join(str(error).split())}")
 
   try:
     app.run(absl_main)
@@ -34,6 +35,15 @@ def run(main: Callable[[], None]) -> None:
     field = str(error).strip("\"'")
     overrides = [arg.split("=")[0] for arg in sys.argv[1:] if arg.startswith("--config.") and field in arg]
     sys.exit(f"error: unknown config field {' '.join(overrides) or field}; see configs/default.py for the fields")
+
+
+def _exit(message: str) -> None:
+  """Prints `message` and exits 1. Among several processes, at once: jax's exit would wait for the others,
+  which are waiting for this one; the heartbeats that stop tell them to stop too."""
+  if jax.process_count() > 1:
+    print(message, file=sys.stderr, flush=True)
+    os._exit(1)
+  sys.exit(message)
 
 
 def run_with_config(main: Callable[[ml_collections.ConfigDict], None]) -> None:

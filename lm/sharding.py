@@ -28,7 +28,7 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[jax.Devi
     device_array = mesh_utils.create_device_mesh(ici_shape, devices, allow_split_physical_axes=True)
   else:
     # TPU devices know their slice; elsewhere (GPU clusters, CPU rehearsals) each process is one.
-    process_is_granule = not hasattr(devices[0], "slice_index")
+    process_is_granule = devices[0].platform != "tpu"
     device_array = mesh_utils.create_hybrid_device_mesh(
         ici_shape, dcn_shape, devices, process_is_granule=process_is_granule, allow_split_physical_axes=True
     )

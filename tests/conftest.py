@@ -6,6 +6,7 @@ run of it, with checkpoints).
 """
 
 import os
+import tempfile
 
 # Backend optimization level 0 halves CPU compile times; the tests are dominated by compiling
 # tiny models, and every comparison they make runs under the same flags.
@@ -13,6 +14,10 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests start `python -m lm.train` (or several processes of it) that compile the same programs;
+# a compilation cache shared by the whole session lets each program compile once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="lm-tests-jax-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 import ml_collections  # noqa: E402

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from lm import distributed
 from lm.data import sources, tokenizer as tokenizer_lib
 
 CHUNK_TOKENS = 4096
@@ -169,9 +170,9 @@ def prepare(data: ml_collections.ConfigDict) -> tuple[tokenizer_lib.Tokenizer, T
         data_dir=os.path.join(data_dir, "tfds"),
     )
     if not builder.is_prepared():
-      print(f"Tokenizing {data.source} into {builder.data_dir}", flush=True)
+      distributed.log(f"Tokenizing {data.source} into {builder.data_dir}")
       builder.download_and_prepare()
-      print(summary(builder), flush=True)
+      distributed.log(summary(builder))
     return tokenizer, builder
 
   if jax.process_count() == 1:
@@ -194,7 +195,7 @@ def load_or_train_tokenizer(data: ml_collections.ConfigDict, source: sources.Sou
   path = os.path.join(data_dir, "tokenizers", name)
   if os.path.isfile(path):
     return tokenizer_lib.Tokenizer(path)
-  print(f"Training a {data.tokenizer_vocab_size}-token {data.tokenizer_type} tokenizer on {data.source}", flush=True)
+  distributed.log(f"Training a {data.tokenizer_vocab_size}-token {data.tokenizer_type} tokenizer on {data.source}")
   documents = clean_documents(source, data.max_document_chars)
   return tokenizer_lib.train(documents, path, data.tokenizer_vocab_size, data.tokenizer_type, data.tokenizer_sample_bytes)
 

@@ -18,6 +18,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 import lm
+from lm import distributed
 from lm.config import ConfigError
 from lm.train.state import TrainState
 
@@ -144,7 +145,7 @@ def init_from(checkpoint: ml_collections.ConfigDict, state: TrainState, abstract
   parts = ("params", "opt_state") if checkpoint.init_opt_state else ("params",)
   target = {part: getattr(abstract_state, part) for part in parts}
   restored = restore_parts(other, None, target, "checkpoint.init_from")
-  print(f"Initialized {' and '.join(parts)} from {other.directory} (step {other.latest_step()})", flush=True)
+  distributed.log(f"Initialized {' and '.join(parts)} from {other.directory} (step {other.latest_step()})")
   return state.replace(**restored)
 
 

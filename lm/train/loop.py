@@ -13,10 +13,9 @@ import optax
 from jax.sharding import Mesh
 
 from lm import config as config_lib
+from lm import distributed, inference, sharding
 from lm import evaluate as evaluate_lib
-from lm import inference
 from lm import metrics as metrics_lib
-from lm import sharding
 from lm.data import pipeline, tfds_builder, tokenizer as tokenizer_lib
 from lm.models import Transformer
 from lm.train import checkpoint, optimizer, state as state_lib, step as step_lib
@@ -102,21 +101,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
       shutil.copyfile(run.tokenizer.path, os.path.join(workdir, inference.TOKENIZER_FILE))
   evaluating = bool(config.eval.every) and run.dataset is not None
   if config.eval.every and not evaluating:
-    print("Not evaluating: synthetic data has no validation split")
+    distributed.log("Not evaluating: synthetic data has no validation split")
 
   checkpoints = checkpoint.manager(workdir, config.checkpoint)
   restored = checkpoint.restore_latest(checkpoints, run.abstract_state)
   if restored:
     state, start_step, progress = restored.state, restored.step, restored.metadata
     if restored.data != data_position(config, run, start_step):
-      print(f"Warning: the data differs from the checkpoint's ({restored.data}); continuing at step {start_step}")
-    print(f"Resuming from step {start_step} ({checkpoints.directory})", flush=True)
+      distributed.log(f"Warning: the data differs from the checkpoint's ({restored.data}); continuing at step {start_step}")
+    distributed.log(f"Resuming from step {start_step} ({checkpoints.directory})")
   else:
     state, start_step, progress = run.init_state(), 0, {"tokens_seen": 0, "train_seconds": 0.0}
     if config.checkpoint.init_from:
       state = checkpoint.init_from(config.checkpoint, state, run.abstract_state)
   if start_step >= config.train.steps:
-    print(f"Nothing to do: the run is at step {start_step} of train.steps={config.train.steps}")
+    distributed.log(f"Nothing to do: the run is at step {start_step} of train.steps={config.train.steps}")
     return
 
   batches = run.train_batches(config, start_step)
