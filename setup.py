@@ -21,6 +21,7 @@ setuptools.setup(
         "tensorflow-datasets>=4.9.6",
         "array-record>=0.5",
         "grain>=0.2.10",
+        "safetensors>=0.4",  # Hugging Face export and import, through its numpy API
         # tensorflow-datasets imports it when a builder lives in an installed package, but only
         # declares it for Python < 3.9.
         "importlib_resources",
@@ -28,6 +29,9 @@ setuptools.setup(
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "psutil>=5", "nbclient>=0.9", "nbformat>=5.9", "ipykernel>=6", "matplotlib>=3.7"],
         "notebooks": ["matplotlib>=3.7", "ipykernel>=6"],
+        # Only the interop tests need these (lm's export and import do not). torch is pinned to a
+        # release with a CPU build on PyPI's mirrors; install the CPU wheel first to skip CUDA.
+        "interop": ["transformers>=4.45", "torch==2.13.0"],
         "gpu": ["jax[cuda12]>=0.10"],
         "tpu": ["jax[tpu]>=0.10"],
     },

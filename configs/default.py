@@ -12,8 +12,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.model = model = ml_collections.ConfigDict()
   model.family = "llama"  # "llama" (RMSNorm, rotary, SwiGLU, no biases) or "gpt2" (LayerNorm, learned positions, GELU, biases)
-  model.vocab_size = 32000  # embedding rows; with a tokenizer, set to its size rounded up to vocab_multiple
-  model.vocab_multiple = 128  # the tokenizer's vocabulary is padded to a multiple of this (faster matmuls)
+  model.vocab_size = 0  # embedding rows; 0: the tokenizer's vocabulary rounded up to vocab_multiple
+  model.vocab_multiple = 128  # with vocab_size 0, round the vocabulary up to a multiple of this (faster matmuls)
   model.num_layers = 12  # Transformer blocks
   model.embed_dim = 768  # width of the residual stream; head_dim = embed_dim // num_heads
   model.num_heads = 12  # query heads

@@ -12,16 +12,20 @@ from ml_collections import config_flags
 from lm import config as config_lib
 
 
-def run(main: Callable[[], None]) -> None:
-  """Parses flags and calls main(); a mistake the user can fix ends in one line, not a traceback."""
+def run(main: Callable[..., None], takes_args: bool = False) -> None:
+  """Parses flags and calls main(); a mistake the user can fix ends in one line, not a traceback.
+
+  A command with `takes_args` gets its positional arguments: main(args).
+  """
 
   def absl_main(argv: list[str]) -> None:
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    args = argv[1:]
+    if args and not takes_args:
+      raise app.UsageError(f"unexpected arguments: {' '.join(args)}")
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)  # jax's INFO lines would bury the progress lines
     try:
-      main()
+      main(args) if takes_args else main()
     except config_lib.ConfigError as error:
       _exit(f"error: config {error}")
     except config_lib.UserError as error:
@@ -52,7 +56,7 @@ def run_with_config(main: Callable[[ml_collections.ConfigDict], None]) -> None:
   flags.mark_flags_as_required(["config"])
 
   def main_with_config() -> None:
-    config_path = config_flags.get_config_filename(flags.FLAGS["config"])
+    config_path = config_flags.get_config_filename(flags.FLAGS["config"]).split(":")[0]  # path.py[:argument]
     if not os.path.isfile(config_path):
       raise FileNotFoundError(f"config file {config_path} not found")
     main(config_flag.value)

@@ -98,6 +98,7 @@ def text_config(tiny_config, corpus_dir, tmp_path_factory):
         {
             "data.source": f"text:{corpus_dir}",
             "data.data_dir": str(data_dir),
+            "model.vocab_size": 0,  # from the tokenizer
             "data.tokenizer_vocab_size": 320,
             "data.validation_fraction": 0.2,
             "data.seq_len": 32,

@@ -6,6 +6,7 @@ Shape letters: B batch, T length, D embed dim, V vocab size.
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from lm.models import attention, layers
 
@@ -101,3 +102,13 @@ def stack_layers(params: dict, num_layers: int) -> dict:
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
   rest = {name: value for name, value in params.items() if not name.startswith("layers_")}
   return {**rest, "layers": stacked}
+
+
+def parameter_shapes(model_config, scan_layers: bool) -> dict:
+  """The shape of every parameter of the model `model_config` describes, scanned or not (nothing is computed)."""
+  model_config = ml_collections.ConfigDict(model_config)
+  model_config.scan_layers = scan_layers
+  model = Transformer(ml_collections.FrozenConfigDict(model_config))
+  tokens_BT = jnp.zeros((1, 1), jnp.int32)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), tokens_BT, tokens_BT, tokens_BT)["params"]
+  return jax.tree.map(lambda leaf: tuple(leaf.shape), nn.unbox(abstract))

@@ -56,14 +56,20 @@ class TrainSetup:
 def setup(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> TrainSetup:
   """Checks the config, prepares the data, then builds the mesh (over `devices`, default all), model, state and step.
 
-  With a tokenizer, config.model.vocab_size is set to its vocabulary padded to model.vocab_multiple.
+  A model.vocab_size of 0 becomes the tokenizer's vocabulary, rounded up to model.vocab_multiple.
   """
   devices = list(jax.devices() if devices is None else devices)
   config_lib.validate(config, len(devices))
   tokenizer, dataset = None, None
   if config.data.source != "synthetic":
     tokenizer, dataset = tfds_builder.prepare(config.data)
-    config.model.vocab_size = tokenizer_lib.padded_vocab_size(tokenizer.vocab_size, config.model.vocab_multiple)
+    if config.model.vocab_size == 0:
+      config.model.vocab_size = tokenizer_lib.padded_vocab_size(tokenizer.vocab_size, config.model.vocab_multiple)
+    elif config.model.vocab_size < tokenizer.vocab_size:
+      raise config_lib.ConfigError(
+          f"model.vocab_size: {config.model.vocab_size} rows cannot embed the tokenizer's {tokenizer.vocab_size} pieces; "
+          "raise it, or set 0 to size it from the tokenizer"
+      )
     if config.eval.every and pipeline.num_windows(dataset, "validation", config.data.seq_len) < config.data.batch_size:
       raise config_lib.ConfigError(
           f"data.validation_fraction: the validation split ({dataset.info.metadata['validation_tokens']:,} tokens) "
@@ -97,8 +103,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-    if run.tokenizer:  # the run keeps its own copy, so evaluation and export never retrain one
-      shutil.copyfile(run.tokenizer.path, os.path.join(workdir, inference.TOKENIZER_FILE))
+    kept_tokenizer = os.path.join(workdir, inference.TOKENIZER_FILE)
+    # The run keeps its own copy, so evaluation and export never depend on the data cache.
+    if run.tokenizer and os.path.abspath(run.tokenizer.path) != os.path.abspath(kept_tokenizer):
+      shutil.copyfile(run.tokenizer.path, kept_tokenizer)
   evaluating = bool(config.eval.every) and run.dataset is not None
   if config.eval.every and not evaluating:
     distributed.log("Not evaluating: synthetic data has no validation split")

@@ -1,0 +1,1 @@
+"""Import and export of checkpoints in other formats (Hugging Face)."""

@@ -1,0 +1,174 @@
+"""Hugging Face interop: logits equal transformers', export(import(x)) == x, the same greedy text."""
+
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import lm  # noqa: E402
+from lm.config import ConfigError  # noqa: E402
+from lm.interop import hf  # noqa: E402
+from lm.models import Transformer, transformer  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOKENS = np.random.default_rng(0).integers(0, 96, (2, 20))
+
+HF_MODELS = {
+    "llama_gqa_untied": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, rope_theta=500.0, rms_norm_eps=1e-5, tie_word_embeddings=False)),
+    "llama_mha_tied": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, tie_word_embeddings=True)),
+    "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)),
+}  # fmt: skip
+
+
+def _hf_model(name: str):
+  torch.manual_seed(0)
+  model = HF_MODELS[name]().eval()
+  with torch.no_grad():  # norms at 1 and biases at 0 would hide a mix-up of those tensors
+    for parameter_name, parameter in model.named_parameters():
+      if "norm" in parameter_name or "ln_" in parameter_name or "bias" in parameter_name:
+        parameter.add_(torch.randn_like(parameter) * 0.1)
+  return model
+
+
+def _hf_logits(model) -> np.ndarray:
+  with torch.no_grad():
+    return model(torch.tensor(TOKENS)).logits.numpy()
+
+
+def _lm_logits(model_config, params) -> np.ndarray:
+  model_config = ml_collections.ConfigDict(model_config)
+  model_config.dtype = "float32"
+  model = Transformer(ml_collections.FrozenConfigDict(model_config))
+  positions = np.broadcast_to(np.arange(TOKENS.shape[1]), TOKENS.shape)
+  return np.asarray(jax.jit(model.apply)({"params": params}, TOKENS, np.ones_like(TOKENS), positions))
+
+
+@pytest.mark.parametrize("name", sorted(HF_MODELS))
+def test_imported_transformers_model_gives_its_logits(name, tmp_path):
+  model = _hf_model(name)
+  model.save_pretrained(tmp_path)
+  model_config, params = hf.load(str(tmp_path))
+  np.testing.assert_allclose(_lm_logits(model_config, params), _hf_logits(model), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(HF_MODELS))
+def test_export_of_import_reproduces_every_tensor(name, tmp_path):
+  _hf_model(name).save_pretrained(tmp_path / "original")
+  model_config, params = hf.load(str(tmp_path / "original"))
+  hf.save(model_config, params, str(tmp_path / "again"))
+  original = hf._read_tensors(str(tmp_path / "original"))
+  again = hf._read_tensors(str(tmp_path / "again"))
+  assert set(again) <= set(original)
+  for tensor_name, tensor in again.items():
+    np.testing.assert_array_equal(tensor, original[tensor_name], err_msg=tensor_name)
+
+
+@pytest.mark.parametrize(
+    "family, overrides",
+    [("llama", {"model.tie_embeddings": False}), ("llama", {"model.num_kv_heads": 4}), ("gpt2", {"model.num_kv_heads": 4})],
+)
+def test_exported_lm_model_gives_lm_logits_in_transformers(tiny_config, family, overrides, tmp_path):
+  config = tiny_config(family, overrides)
+  config.model.vocab_size = 96
+  model = Transformer(ml_collections.FrozenConfigDict(config.model))
+  positions = np.zeros_like(TOKENS)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(3), TOKENS, TOKENS, positions)["params"])
+  # Norms at 1 and biases at 0 would hide a mix-up of those tensors.
+  params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(4), x.shape), params)
+  hf.save(config.model, params, str(tmp_path))
+  exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+  np.testing.assert_allclose(_hf_logits(exported), _lm_logits(config.model, params), atol=1e-4)
+
+
+def test_scanned_and_unscanned_params_export_alike(tmp_path):
+  _hf_model("llama_gqa_untied").save_pretrained(tmp_path)
+  model_config, scanned = hf.load(str(tmp_path))
+  unscanned_config = ml_collections.ConfigDict(model_config)
+  unscanned_config.scan_layers = False
+  unscanned = hf.from_hf_tensors(unscanned_config, hf._read_tensors(str(tmp_path)))
+  assert "layers" in scanned and "layers_0" in unscanned
+  a, b = hf.to_hf_tensors(model_config, scanned), hf.to_hf_tensors(unscanned_config, unscanned)
+  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope scaling"),
+        ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "rope scaling"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"model_type": "mistral"}, "model_type 'mistral'"),
+    ],
+)
+def test_unsupported_options_are_named(change, named, tmp_path):
+  _hf_model("llama_gqa_untied").save_pretrained(tmp_path)
+  config = json.loads((tmp_path / "config.json").read_text())
+  config.update(change)
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ConfigError, match=named):
+    hf.load(str(tmp_path))
+
+
+def test_gpt2_export_refuses_grouped_query_attention(tiny_config, tmp_path):
+  config = tiny_config("gpt2")  # num_kv_heads=2 < num_heads=4
+  params = transformer.parameter_shapes(config.model, scan_layers=True)
+  with pytest.raises(ConfigError, match="model.num_kv_heads"):
+    hf.save(config.model, jax.tree.map(np.zeros, params, is_leaf=lambda x: isinstance(x, tuple)), str(tmp_path))
+
+
+def test_trained_run_exports_and_generates_the_same_greedy_text(trained_run, tmp_path):
+  _, workdir = trained_run
+  result = subprocess.run([sys.executable, "-m", "lm.interop", "export", f"--workdir={workdir}", f"--out={tmp_path}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+  assert result.returncode == 0, result.stderr
+  tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+  run = lm.load(workdir)
+  for prompt in ["the model", "# document 3\nloss", "= 7"]:
+    inputs = tokenizer(prompt, return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == [run.tokenizer.eos_id] + run.tokenizer.encode(prompt)
+    output = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    hf_text = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert hf_text == run.generate([prompt], max_new_tokens=12, temperature=0.0)[0]
+
+
+def test_imported_model_evaluates_and_continues_training(trained_run, corpus_dir, tmp_path):
+  _, workdir = trained_run
+  exported, imported = tmp_path / "hf", tmp_path / "imported"
+  for command in (["export", f"--workdir={workdir}", f"--out={exported}"], ["import", str(exported), f"--workdir={imported}"]):
+    result = subprocess.run([sys.executable, "-m", "lm.interop", *command], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+  original, again = lm.load(workdir), lm.load(str(imported))
+  assert again.step == 0
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(again.params), jax.device_get(original.params))
+  text = ["the model reads every token = 12\n"]
+  # The import takes configs/default.py's bfloat16 compute; the original ran in float32.
+  assert again.loss(text)["loss"] == pytest.approx(original.loss(text)["loss"], rel=1e-2)
+
+  trained = subprocess.run(
+      [sys.executable, "-m", "lm.train", f"--config=configs/from_run.py:{imported}", f"--workdir={imported}",
+       "--config.train.steps=3", f"--config.data.source=text:{corpus_dir}", "--config.data.seq_len=32",
+       "--config.data.batch_size=8", "--config.optimizer.warmup_steps=1", "--config.train.log_every=1",
+       "--config.eval.every=0", f"--config.data.data_dir={tmp_path / 'data'}"],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+  )  # fmt: skip
+  assert trained.returncode == 0, trained.stderr
+  assert "Resuming from step 0" in trained.stdout
+  rows = [json.loads(line) for line in open(imported / "metrics.jsonl")]
+  assert [row["step"] for row in rows] == [1, 2, 3] and all(np.isfinite(row["loss"]) for row in rows)
