@@ -7,6 +7,7 @@ G = N // K query heads per key/value head, H head dim, D embed dim.
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from absl import logging
 from jax.ad_checkpoint import checkpoint_name
 
 from lm.models import layers
@@ -38,16 +39,43 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS, q
   return out_BTKGH.reshape(batch, length, num_heads, head_dim)
 
 
-def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS, q_start=None) -> jax.Array:
-  """jax.nn.dot_product_attention, which picks cuDNN's fused kernel on GPUs. Returns [B, T, N, H]."""
+def dot_product_attention(
+    q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS, q_start=None, implementation=None
+) -> jax.Array:
+  """jax.nn.dot_product_attention, which picks cuDNN's fused kernel on GPUs when it can. Returns [B, T, N, H]."""
   if q_start is None:  # training: the kernel's own causal masking, which lets it skip masked blocks
-    same_document_B1TS = (q_segment_ids_BT[:, :, None] == kv_segment_ids_BS[:, None, :])[:, None]
-    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=same_document_B1TS, is_causal=True)
-  mask_B1TS = attention_mask(q_segment_ids_BT, kv_segment_ids_BS, q_start)[:, None]
-  return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS)
+    mask_B1TS, causal = (q_segment_ids_BT[:, :, None] == kv_segment_ids_BS[:, None, :])[:, None], True
+  else:
+    mask_B1TS, causal = attention_mask(q_segment_ids_BT, kv_segment_ids_BS, q_start)[:, None], False
+  return jax.nn.dot_product_attention(
+      q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, is_causal=causal, implementation=implementation
+  )
 
 
-KERNELS = {"xla": xla_attention, "dot_product": dot_product_attention}
+def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS, q_start=None) -> jax.Array:
+  """cuDNN's fused attention, asked for explicitly; where cuDNN cannot run it (no NVIDIA GPU, or a
+  shape or dtype it does not take), the XLA implementation of the same function, with one warning."""
+  args = (q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS, q_start)
+  if jax.devices()[0].platform == "gpu":
+    try:
+      return dot_product_attention(*args, implementation="cudnn")
+    except (ValueError, NotImplementedError, RuntimeError) as error:  # raised while tracing: nothing ran yet
+      _warn_once(f"cuDNN attention is not available here ({error}); using the XLA implementation")
+  else:
+    _warn_once("model.attention=cudnn needs an NVIDIA GPU; using the XLA implementation")
+  return dot_product_attention(*args, implementation="xla")
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+  if message not in _warned:
+    _warned.add(message)
+    logging.warning(message)
+
+
+KERNELS = {"xla": xla_attention, "dot_product": dot_product_attention, "cudnn": cudnn_attention}
 
 
 class Attention(nn.Module):

@@ -90,3 +90,13 @@ def test_queries_at_an_offset_match_the_same_rows_of_full_attention(kernel):
   start = 7
   tail = attention.KERNELS[kernel](q[:, start:], k, v, segment_ids[:, start:], segment_ids, start)
   np.testing.assert_allclose(tail, full[:, start:], atol=1e-5)
+
+
+def test_cudnn_kernel_falls_back_to_the_same_numbers_without_a_gpu():
+  q, k, v = _qkv(5)
+  segment_ids = jnp.array([[1] * 5 + [2] * 7, [1] * T])
+  np.testing.assert_allclose(
+      attention.cudnn_attention(q, k, v, segment_ids, segment_ids),
+      attention.xla_attention(q, k, v, segment_ids, segment_ids),
+      atol=1e-5,
+  )
