@@ -27,8 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.init_std = 0.02  # std of the normal init; residual output projections get init_std / sqrt(2 * num_layers)
   model.dtype = "bfloat16"  # compute dtype of activations and matmuls
   model.param_dtype = "float32"  # storage dtype of parameters (and so of the optimizer state)
-  # Attention kernel: "xla" (einsum softmax), "dot_product" (jax.nn.dot_product_attention, which picks
-  # cuDNN where it can) or "cudnn" (cuDNN's fused kernel asked for explicitly, XLA where it cannot run).
+  # Attention kernel: "xla" (einsum softmax), "dot_product" (jax.nn.dot_product_attention, left to choose;
+  # jax 0.10 always chooses XLA) or "cudnn" (cuDNN's fused kernel on NVIDIA GPUs, XLA where it cannot run).
   model.attention = "xla"
   model.scan_layers = True  # stack the layers on a "layers" axis and run them with nn.scan (fast compiles)
   model.remat_policy = "none"  # "none", "full", "save_dots" (keep every projection output) or "save_qkv_proj"

@@ -144,6 +144,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       "data.seq_len",
       f"{data.seq_len} tokens cannot be split over mesh.sequence={ici['sequence']} devices",
   )
+  _require(data.batch_size >= 1, "data.batch_size", f"must be >= 1, got {data.batch_size}")
   data_parallel = math.prod(ici[axis] * dcn[axis] for axis in DATA_PARALLEL_AXES)
   _require(
       data.batch_size % data_parallel == 0,

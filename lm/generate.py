@@ -17,6 +17,7 @@ from absl import flags
 from jax.sharding import Mesh
 
 from lm import cli, sharding
+from lm.config import UserError
 
 
 def sample(logits_BV: jax.Array, rng: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
@@ -82,14 +83,25 @@ def generate_ids(
   Only ids below `vocab_size` (the tokenizer's; the embedding may be padded past it) are drawn.
   """
   if any(not prompt for prompt in prompts):
-    raise ValueError("every prompt needs at least one token")
+    raise UserError("every prompt needs at least one token")
+  if max_new_tokens < 1:
+    raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if temperature < 0.0:
+    raise UserError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+  if not 0.0 < top_p <= 1.0:
+    raise UserError(f"top_p must be in (0, 1] (1 is off), got {top_p}")
+  if top_k < 0:
+    raise UserError(f"top_k must be >= 0 (0 is off), got {top_k}")
   data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
   num_rows = -(-len(prompts) // data_parallel) * data_parallel  # filler rows keep the batch divisible
   rows = prompts + [prompts[0]] * (num_rows - len(prompts))
   prompt_length = max(len(row) for row in rows)
   cache_length = prompt_length + max_new_tokens
   if model.cfg.family == "gpt2" and cache_length > model.cfg.max_seq_len:
-    raise ValueError(f"prompt plus max_new_tokens ({cache_length}) exceed model.max_seq_len={model.cfg.max_seq_len}")
+    raise UserError(
+        f"the longest prompt ({prompt_length} tokens) plus max_new_tokens ({max_new_tokens}) exceed "
+        f"model.max_seq_len={model.cfg.max_seq_len}, the length of GPT-2's position table"
+    )
 
   pad_lengths = np.array([prompt_length - len(row) for row in rows])
   tokens_BP = np.array([[0] * pad + row for pad, row in zip(pad_lengths, rows)], np.int32)
@@ -99,6 +111,7 @@ def generate_ids(
   prefill = sharding.MeshJit(jax.jit(functools.partial(_prefill, model=model, cache_length=cache_length)), mesh, axis_rules)
   decode_step = sharding.MeshJit(jax.jit(functools.partial(_decode_step, model=model), donate_argnums=(1,)), mesh, axis_rules)
   vocab_size = vocab_size or model.cfg.vocab_size
+  top_k = min(top_k, vocab_size)  # a k past the vocabulary keeps every token
 
   @jax.jit
   def choose(logits_BV, rng):
@@ -113,7 +126,7 @@ def generate_ids(
     tokens_B = choose(logits_BV, jax.random.fold_in(rng, index))
     generated.append(tokens_B)
     done_B |= np.asarray(tokens_B) == eos_id
-    if done_B.all() or index == max_new_tokens - 1:
+    if done_B[: len(prompts)].all() or index == max_new_tokens - 1:
       break
     logits_BV, cache = decode_step(params, cache, tokens_B, positions_B + index)
 

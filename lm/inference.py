@@ -1,11 +1,12 @@
 """`lm.load(workdir)`: a checkpoint on this machine's devices, to evaluate and generate from.
 
 The one way the command-line tools and notebooks load a checkpoint. Parameters are restored
-straight into shards over the local devices (FSDP over all of them), whatever mesh trained them.
+straight into shards over this machine's devices (FSDP), whatever mesh trained them.
 """
 
 import dataclasses
 import functools
+import math
 import os
 
 import jax
@@ -25,11 +26,13 @@ from lm.train import checkpoint, state as state_lib, step as step_lib
 TOKENIZER_FILE = "tokenizer.model"  # a copy of the run's tokenizer, in its workdir
 
 
-def inference_mesh(mesh_config: ml_collections.ConfigDict) -> Mesh:
-  """All local devices on the fsdp axis: works for any model and any device count."""
-  mesh_config = ml_collections.ConfigDict(mesh_config)
+def inference_mesh(config: ml_collections.ConfigDict) -> Mesh:
+  """FSDP over as many devices as the model's width splits evenly over: any model, any device count."""
+  devices = jax.devices()
+  devices = devices[: math.gcd(len(devices), config.model.embed_dim)]  # the default rules shard "embed" over fsdp
+  mesh_config = ml_collections.ConfigDict(config.mesh)
   mesh_config.update(data=1, fsdp=-1, tensor=1, sequence=1, dcn_data=1, dcn_fsdp=1)
-  return sharding.make_mesh(mesh_config)
+  return sharding.make_mesh(mesh_config, devices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +134,7 @@ def load(workdir: str, step: int | None = None) -> LoadedModel:
   tokenizer_path = os.path.join(workdir, TOKENIZER_FILE)
   tokenizer = tokenizer_lib.Tokenizer(tokenizer_path) if os.path.isfile(tokenizer_path) else None
   model = Transformer(ml_collections.FrozenConfigDict(config.model))
-  mesh = inference_mesh(config.mesh)
+  mesh = inference_mesh(config)
   axis_rules = sharding.rules(config.mesh)
   abstract = state_lib.abstract_params(model, mesh, axis_rules)
   params = checkpoint.restore_parts(checkpoints, step, {"params": abstract}, "step")["params"]

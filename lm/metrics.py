@@ -91,8 +91,8 @@ class MetricsWriter:
       jsonl_path = os.path.join(workdir, "metrics.jsonl")
       keep_rows_up_to(jsonl_path, start_step)
       self._jsonl = open(jsonl_path, "a")
-      # purge_step makes TensorBoard discard the interrupted run's events after start_step.
-      self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1 if start_step else None)
+      # purge_step makes TensorBoard discard the interrupted run's events after start_step (all of them at 0).
+      self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     """Records `metrics` (plain floats) for `step`."""

@@ -42,6 +42,34 @@ def rules(mesh_config: ml_collections.ConfigDict) -> Rules:
   )
 
 
+# The config field that sets the size of a parameter dimension with this logical name.
+FIELD_OF_LOGICAL_AXIS = {
+    "vocab": "model.vocab_size",
+    "embed": "model.embed_dim",
+    "mlp": "model.mlp_dim",
+    "heads": "model.num_heads",
+    "kv_heads": "model.num_kv_heads",
+    "head_dim": "model.num_heads",
+    "layers": "model.num_layers",
+}
+
+
+def check_divisible(name: str, shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Mesh, axis_rules: Rules) -> None:
+  """Raises ConfigError, naming the config field, if a dimension of array `name` cannot be split evenly
+  over the mesh axes its logical name maps to (jit would fail later, deep inside, with a traceback)."""
+  mesh_axes_per_dim = nn.logical_to_mesh_axes(PartitionSpec(*logical_axes), axis_rules)
+  for size, logical_axis, mesh_axes in zip(shape, logical_axes, mesh_axes_per_dim):
+    mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+    num_devices = math.prod(mesh.shape[axis] for axis in mesh_axes)
+    if size % num_devices:
+      field = FIELD_OF_LOGICAL_AXIS.get(logical_axis, "mesh.logical_axis_rules")
+      split = " x ".join(f"mesh.{axis}={mesh.shape[axis]}" for axis in mesh_axes)
+      raise config_lib.ConfigError(
+          f"{field}: {name} has {size} entries along {logical_axis!r}, which cannot be split over {split}; "
+          f"make it a multiple of {num_devices}, or change the mesh"
+      )
+
+
 def logical_sharding(mesh: Mesh, axis_rules: Rules, logical_axes: Sequence[str | None]) -> NamedSharding:
   """The NamedSharding of an array whose dimensions have these logical names."""
   return nn.logical_to_mesh_sharding(PartitionSpec(*logical_axes), mesh, axis_rules)
@@ -78,17 +106,18 @@ class MeshJit:
       return self.jitted.lower(*args)
 
 
-def process_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> slice:
-  """The contiguous rows of a global [B, ...] array that this process's devices hold."""
+def process_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> np.ndarray:
+  """The indices [R] of the rows of a global [B, ...] array that this process's devices hold, in order.
+
+  They need not be one block: with mesh.dcn_fsdp, say, a process holds every other group of rows.
+  """
   index_map = sharding.addressable_devices_indices_map(global_shape)
-  row_slices = [index[0] for index in index_map.values()]
-  start = min(rows.start or 0 for rows in row_slices)
-  stop = max(global_shape[0] if rows.stop is None else rows.stop for rows in row_slices)
-  return slice(start, stop)
+  row_slices = {index[0].indices(global_shape[0]) for index in index_map.values()}  # replicas hold the same rows
+  return np.concatenate([np.arange(start, stop) for start, stop, _ in sorted(row_slices)])
 
 
 def global_batch_from_local(sharding: NamedSharding, local_rows: dict[str, np.ndarray], global_batch: int) -> dict:
-  """Assembles global jax.Arrays from this process's rows (the output of `process_rows`)."""
+  """Assembles global jax.Arrays from this process's rows (those `process_rows` lists, in its order)."""
   return {
       name: jax.make_array_from_process_local_data(sharding, rows, (global_batch,) + rows.shape[1:])
       for name, rows in local_rows.items()

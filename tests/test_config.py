@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from lm import config as config_lib
+from lm.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,6 +17,7 @@ BAD_CONFIGS = [
     ({"model.num_heads": 2, "model.num_kv_heads": 2, "mesh.data": 1, "mesh.tensor": 4, "mesh.fsdp": 2}, "model.num_heads"),
     ({"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2, "model.num_kv_heads": 1}, "model.num_kv_heads"),
     ({"data.batch_size": 12, "mesh.data": 8}, "data.batch_size"),  # 12 rows over 8 devices
+    ({"data.batch_size": 0}, "data.batch_size"),
     ({"train.microbatches": 2, "mesh.data": 8}, "train.microbatches"),  # 8 rows: 2 x 4 < 8 devices
     ({"mesh.data": 2, "mesh.fsdp": 2}, "mesh"),  # 4 devices of 8
     ({"mesh.data": -1, "mesh.fsdp": -1}, "mesh.fsdp"),
@@ -40,6 +42,23 @@ BAD_CONFIGS = [
 def test_bad_config_names_the_field(tiny_config, overrides, field):
   with pytest.raises(config_lib.ConfigError) as error:
     config_lib.validate(tiny_config("llama", overrides), num_devices=8)
+  assert str(error.value).startswith(field + ":")
+  assert "\n" not in str(error.value)
+
+
+# Sizes only the parameter shapes reveal; caught when the run is set up, still before compiling.
+INDIVISIBLE_PARAMETERS = [
+    ({"model.vocab_size": 101, "mesh.data": 4, "mesh.tensor": 2}, "model.vocab_size"),
+    ({"model.mlp_dim": 63, "mesh.data": 4, "mesh.tensor": 2}, "model.mlp_dim"),
+    ({"model.embed_dim": 36, "model.num_heads": 2, "mesh.data": 1, "mesh.fsdp": 8}, "model.embed_dim"),
+]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("overrides, field", INDIVISIBLE_PARAMETERS)
+def test_a_parameter_the_mesh_cannot_split_names_the_field(tiny_config, family, overrides, field):
+  with pytest.raises(config_lib.ConfigError) as error:
+    loop.setup(tiny_config(family, overrides))
   assert str(error.value).startswith(field + ":")
   assert "\n" not in str(error.value)
 

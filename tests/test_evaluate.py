@@ -7,11 +7,14 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
 import lm
-from lm import evaluate
+from lm import evaluate, inference, sharding
+from lm.models import Transformer
+from lm.train import state as state_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,3 +99,12 @@ def test_missing_workdir_is_one_line(tmp_path):
                           capture_output=True, text=True, timeout=120)  # fmt: skip
   assert result.returncode != 0
   assert result.stderr.strip().splitlines() == [f"error: no checkpoints at {tmp_path}/none"]
+
+
+@pytest.mark.parametrize("embed_dim, devices", [(32, 8), (36, 4), (33, 1)])
+def test_the_inference_mesh_uses_the_devices_the_model_width_splits_over(tiny_config, embed_dim, devices):
+  config = tiny_config("gpt2", {"model.embed_dim": embed_dim, "model.num_heads": 1, "model.num_kv_heads": 1})
+  mesh = inference.inference_mesh(config)
+  assert dict(mesh.shape) == {"data": 1, "fsdp": devices, "tensor": 1, "sequence": 1}
+  model = Transformer(ml_collections.FrozenConfigDict(config.model))
+  state_lib.abstract_params(model, mesh, sharding.rules(config.mesh))  # every parameter splits evenly

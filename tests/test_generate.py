@@ -1,5 +1,7 @@
 """Generation with the KV cache: greedy decoding equals the full forward pass, sampling obeys its knobs."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,7 @@ import numpy as np
 import pytest
 
 from lm import generate, sharding
+from lm.config import UserError
 from lm.models import Transformer
 from lm.train import state as state_lib
 
@@ -74,3 +77,28 @@ def test_only_ids_of_the_tokenizer_are_drawn(tiny_config):
       model, params, mesh, rules, PROMPTS, max_new_tokens=20, eos_id=-1, vocab_size=50, temperature=2.0, seed=3
   )
   assert max(max(tokens) for tokens in new_tokens) < 50
+
+
+@pytest.mark.parametrize(
+    "knobs, message",
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
+        ({"temperature": -1.0}, "temperature must be >= 0"),
+        ({"top_p": 0.0}, "top_p must be in (0, 1]"),
+        ({"top_p": 1.5}, "top_p must be in (0, 1]"),
+        ({"top_k": -2}, "top_k must be >= 0"),
+        ({"max_new_tokens": 100}, "exceed model.max_seq_len"),
+    ],
+)
+def test_bad_sampling_arguments_are_one_line_errors(tiny_config, knobs, message):
+  model, params, mesh, rules = _model_and_params(tiny_config("gpt2"), {"data": 8})
+  arguments = {"max_new_tokens": 4, "eos_id": -1, **knobs}
+  with pytest.raises(UserError, match=re.escape(message)):
+    generate.generate_ids(model, params, mesh, rules, PROMPTS, **arguments)
+
+
+def test_a_top_k_past_the_vocabulary_keeps_every_token(tiny_config):
+  model, params, mesh, rules = _model_and_params(tiny_config("llama"), {"data": 8})
+  unlimited = generate.generate_ids(model, params, mesh, rules, PROMPTS, max_new_tokens=5, eos_id=-1, top_k=0, seed=4)
+  too_many = generate.generate_ids(model, params, mesh, rules, PROMPTS, max_new_tokens=5, eos_id=-1, top_k=10**6, seed=4)
+  assert too_many == unlimited

@@ -32,7 +32,7 @@ def test_process_rows_and_global_batch(tiny_config):
   mesh = sharding.make_mesh(config.mesh)
   batch_sharding = sharding.logical_sharding(mesh, sharding.rules(config.mesh), sharding.BATCH_AXES)
   rows = sharding.process_rows(batch_sharding, (16, 3))
-  assert rows == slice(0, 16)  # one process holds every row
+  np.testing.assert_array_equal(rows, np.arange(16))  # one process holds every row
   local = {"inputs": np.arange(16 * 3, dtype=np.int32).reshape(16, 3)}
   batch = sharding.global_batch_from_local(batch_sharding, local, 16)
   assert batch["inputs"].sharding == batch_sharding

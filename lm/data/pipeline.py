@@ -19,6 +19,7 @@ import tensorflow_datasets as tfds
 from jax.sharding import Mesh
 
 from lm import sharding
+from lm.config import ConfigError
 from lm.data import synthetic, tfds_builder
 
 _READ_THREADS = 4  # grain threads building upcoming batches
@@ -65,15 +66,15 @@ def _windows(builder: tfds.core.DatasetBuilder, split: str, seq_len: int, shuffl
   """Window index -> [T + 1] tokens; with a seed, an endless sequence reshuffled each epoch."""
   count = num_windows(builder, split, seq_len)
   if count == 0:
-    raise ValueError(f"data: the {split} split has too few tokens for one row of data.seq_len={seq_len}")
+    raise ConfigError(f"data.seq_len: the {split} split has too few tokens for one row of {seq_len} + 1 tokens")
   windows = grain.MapDataset.range(count)
   if shuffle_seed is not None:
     windows = windows.shuffle(seed=shuffle_seed).repeat()
   return windows.map(functools.partial(_read_window, builder.as_data_source(split), seq_len))
 
 
-def _rows_of_step(windows: grain.MapDataset, global_batch: int, rows: slice, eos_id: int, step: int) -> Rows:
-  tokens_BT1 = np.stack([windows[step * global_batch + row] for row in range(rows.start, rows.stop)])
+def _rows_of_step(windows: grain.MapDataset, global_batch: int, rows: np.ndarray, eos_id: int, step: int) -> Rows:
+  tokens_BT1 = np.stack([windows[step * global_batch + row] for row in rows])
   return packed_rows(tokens_BT1, eos_id)
 
 
@@ -98,7 +99,7 @@ def train_batches(
   rows = sharding.process_rows(batch_sharding, (data.batch_size, data.seq_len))
   if data.source == "synthetic":
     step_rows = functools.partial(
-        synthetic.rows, data.seed, global_batch=data.batch_size, row_range=rows, seq_len=data.seq_len,
+        synthetic.rows, data.seed, global_batch=data.batch_size, row_indices=rows, seq_len=data.seq_len,
         vocab_size=config.model.vocab_size,
     )
   else:

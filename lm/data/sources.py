@@ -48,6 +48,11 @@ def _file_documents(paths: list[str], text_key: str) -> Iterator[Document]:
           continue
         where = f"{path}:{line_number}"
         try:
+          line.decode("utf-8")
+        except UnicodeDecodeError:
+          yield where, line  # the cleaner counts it as not UTF-8
+          continue
+        try:
           text = json.loads(line)[text_key]
         except (ValueError, KeyError, TypeError):
           text = None

@@ -9,11 +9,11 @@ import numpy as np
 MAX_STRIDE = 4
 
 
-def rows(seed: int, step: int, global_batch: int, row_range: slice, seq_len: int, vocab_size: int) -> dict[str, np.ndarray]:
-  """The rows `row_range` of the global batch at `step`; a pure function of (seed, step)."""
+def rows(seed: int, step: int, global_batch: int, row_indices: np.ndarray, seq_len: int, vocab_size: int) -> dict[str, np.ndarray]:
+  """The rows `row_indices` of the global batch at `step`; a pure function of (seed, step)."""
   rng = np.random.default_rng([seed, step])
-  starts_B = rng.integers(0, vocab_size, size=global_batch)[row_range]
-  strides_B = rng.integers(1, MAX_STRIDE + 1, size=global_batch)[row_range]
+  starts_B = rng.integers(0, vocab_size, size=global_batch)[row_indices]
+  strides_B = rng.integers(1, MAX_STRIDE + 1, size=global_batch)[row_indices]
   tokens_BT = (starts_B[:, None] + strides_B[:, None] * np.arange(seq_len + 1)) % vocab_size
   tokens_BT = tokens_BT.astype(np.int32)
   num_rows = tokens_BT.shape[0]

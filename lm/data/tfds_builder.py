@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from lm import distributed
+from lm.config import ConfigError
 from lm.data import sources, tokenizer as tokenizer_lib
 
 CHUNK_TOKENS = 4096
@@ -56,23 +57,28 @@ def split_of(text: str, validation_fraction: float) -> tuple[str, bytes]:
   return ("validation" if in_validation else "train"), digest[:16]
 
 
-def clean_documents(source: sources.Source, max_chars: int, counts: collections.Counter | None = None) -> Iterator[str]:
-  """The source's usable documents, cleaned and cut to `max_chars`; `counts` tallies what was skipped or split."""
+def whole_documents(source: sources.Source, counts: collections.Counter | None = None) -> Iterator[str]:
+  """The source's usable documents, cleaned; `counts` tallies what was skipped and why."""
   counts = collections.Counter() if counts is None else counts
   for _, raw in source.documents():
     text, reason = clean(raw)
     if reason:
       counts[reason] += 1
       continue
-    pieces = split_long(text, max_chars)
-    counts["split"] += len(pieces) > 1
-    yield from pieces
+    yield text
+
+
+def clean_documents(source: sources.Source, max_chars: int) -> Iterator[str]:
+  """The source's usable documents, cleaned and cut to `max_chars`."""
+  for text in whole_documents(source):
+    yield from split_long(text, max_chars)
 
 
 class TokenizedText(tfds.core.GeneratorBasedBuilder):
   """Token streams of a source under one tokenizer; the config name encodes both (and the cleaning)."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "A long document's pieces stay in one split; a split with no documents is left out."}
 
   def __init__(
       self,
@@ -103,7 +109,23 @@ class TokenizedText(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    return {split: self._generate_examples(split) for split in SPLITS}
+    splits = self._splits_with_documents()
+    for split in SPLITS:
+      if split not in splits:  # TFDS cannot write an empty split: it is left out, with zero counts
+        for name in ("documents", "duplicates", "tokens"):
+          self.info.metadata[f"{split}_{name}"] = 0
+    return {split: self._generate_examples(split) for split in splits}
+
+  def _splits_with_documents(self) -> list[str]:
+    """The splits that get at least one document; reads only until every split has one."""
+    found = set()
+    for text in whole_documents(self._source):
+      found.add(split_of(text, self._validation_fraction)[0])
+      if len(found) == len(SPLITS):
+        break
+    if not found:
+      raise ConfigError(f"data.source: {self._source.slug} has no usable documents (all empty, binary or not UTF-8)")
+    return [split for split in SPLITS if split in found]
 
   def _generate_examples(self, split: str):
     counts = collections.Counter()
@@ -128,7 +150,9 @@ class TokenizedText(tfds.core.GeneratorBasedBuilder):
         counts["tokens"] += len(ids) + 1
       pending, pending_chars = [], 0
 
-    for text in clean_documents(self._source, self._max_document_chars, counts):
+    # Split and deduplicate whole documents, then cut the long ones: a document's pieces stay together.
+    for text in whole_documents(self._source, counts):
+      counts["split"] += len(text) > self._max_document_chars
       document_split, digest = split_of(text, self._validation_fraction)
       if document_split != split:
         continue
@@ -136,8 +160,9 @@ class TokenizedText(tfds.core.GeneratorBasedBuilder):
         counts["duplicates"] += 1
         continue
       seen.add(digest)
-      counts["documents"] += 1
-      pending.append(text)
+      pieces = split_long(text, self._max_document_chars)
+      counts["documents"] += len(pieces)
+      pending.extend(pieces)
       pending_chars += len(text)
       if pending_chars >= _ENCODE_BATCH_CHARS:
         tokenize_pending()
@@ -190,8 +215,11 @@ def prepare(data: ml_collections.ConfigDict) -> tuple[tokenizer_lib.Tokenizer, T
 def load_or_train_tokenizer(data: ml_collections.ConfigDict, source: sources.Source, data_dir: str) -> tokenizer_lib.Tokenizer:
   """data.tokenizer if given, else the tokenizer trained on this source (trained now if missing)."""
   if data.tokenizer:
-    return tokenizer_lib.Tokenizer(os.path.expanduser(data.tokenizer))
-  name = f"{source.slug}-{source.fingerprint}-{data.tokenizer_type}{data.tokenizer_vocab_size}.model"
+    tokenizer = tokenizer_lib.Tokenizer(os.path.expanduser(data.tokenizer))
+    tokenizer.check_lossless("data.tokenizer")
+    return tokenizer
+  sampling = hashlib.sha256(repr((data.tokenizer_sample_bytes, data.max_document_chars)).encode()).hexdigest()[:8]
+  name = f"{source.slug}-{source.fingerprint}-{data.tokenizer_type}{data.tokenizer_vocab_size}-{sampling}.model"
   path = os.path.join(data_dir, "tokenizers", name)
   if os.path.isfile(path):
     return tokenizer_lib.Tokenizer(path)

@@ -66,6 +66,15 @@ class Tokenizer:
     """The text of `ids`; BOS and EOS decode to nothing."""
     return self._sp.decode(list(ids))
 
+  def check_lossless(self, field: str) -> None:
+    """Raises ConfigError on `field` unless this model keeps every character and has an EOS to join documents."""
+    probe = "  two spaces,\ttab\r\nÜñï 😀 \u2581 \x01 end "
+    if self.eos_id < 0 or self.decode(self.encode(probe)) != probe:
+      raise ConfigError(
+          f"{field}: {self.path} is not a lossless tokenizer with an EOS piece (it needs byte fallback, identity "
+          "normalization, no dummy prefix and an eos_id); leave the field empty to train one"
+      )
+
 
 def train(
     documents: Iterator[str], model_path: str, vocab_size: int, model_type: str, sample_bytes: int
@@ -75,12 +84,14 @@ def train(
   Saves it to `model_path`.
   """
 
+  sampled_bytes = 0
+
   def sample() -> Iterator[str]:
-    seen = 0
+    nonlocal sampled_bytes
     for document in documents:
       yield document
-      seen += len(document.encode())
-      if seen >= sample_bytes:
+      sampled_bytes += len(document.encode())
+      if sampled_bytes >= sample_bytes:
         return
 
   model = io.BytesIO()
@@ -108,6 +119,8 @@ def train(
         minloglevel=2,
     )
   except RuntimeError as error:  # sentencepiece's way of saying the vocabulary cannot hold the characters
+    if sampled_bytes == 0:
+      raise ConfigError("data.source: no usable documents to train a tokenizer on (all empty, binary or not UTF-8)") from None
     raise ConfigError(f"data.tokenizer_vocab_size: {vocab_size} pieces cannot be trained on this text ({error})") from None
   os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
   partial_path = model_path + ".partial"

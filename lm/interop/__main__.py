@@ -53,7 +53,7 @@ def import_checkpoint(hf_dir: str, workdir: str, tokenizer_path: str | None) -> 
   else:
     distributed.log(f"No sentencepiece tokenizer ({tokenizer_path}); pass --tokenizer to evaluate or train on text")
 
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = inference.inference_mesh(config)  # FSDP: a large model is never copied whole onto each device
   axis_rules = sharding.rules(config.mesh)
   model = Transformer(ml_collections.FrozenConfigDict(config.model))
   tx, _ = optimizer.make(config.optimizer, config.train.steps)

@@ -287,6 +287,9 @@ def from_hf_tensors(model: ml_collections.ConfigDict, tensors: dict[str, np.ndar
         take(f"model.layers.{i}.{name}", (f"layers_{i}", *path), transpose)
     take("model.norm.weight", ("final_norm", "scale"))
   else:
+    if "transformer.wte.weight" not in tensors and "wte.weight" in tensors:
+      # OpenAI's GPT-2 checkpoints on the Hub were saved from GPT2Model: their names lack the prefix.
+      tensors = {name if name.startswith("lm_head.") else "transformer." + name: value for name, value in tensors.items()}
     take("transformer.wte.weight", ("token_embed", "embedding"))
     take("transformer.wpe.weight", ("position_embed", "embedding"))
     for i in range(model.num_layers):

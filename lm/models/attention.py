@@ -42,7 +42,7 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS, q
 def dot_product_attention(
     q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS, q_start=None, implementation=None
 ) -> jax.Array:
-  """jax.nn.dot_product_attention, which picks cuDNN's fused kernel on GPUs when it can. Returns [B, T, N, H]."""
+  """jax.nn.dot_product_attention with the given implementation (None: jax chooses; jax 0.10 chooses XLA). Returns [B, T, N, H]."""
   if q_start is None:  # training: the kernel's own causal masking, which lets it skip masked blocks
     mask_B1TS, causal = (q_segment_ids_BT[:, :, None] == kv_segment_ids_BS[:, None, :])[:, None], True
   else:

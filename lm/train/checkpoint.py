@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 
 import lm
 from lm import distributed
-from lm.config import ConfigError
+from lm.config import ConfigError, UserError
 from lm.train.state import TrainState
 
 ITEMS = ("state", "data", "config", "metadata")
@@ -77,6 +77,12 @@ def restore_latest(checkpoints: ocp.CheckpointManager, abstract_state: TrainStat
   step = checkpoints.latest_step()
   if step is None:
     return None
+  mismatch = _first_mismatch(read_only_manager(checkpoints.directory), step, {"params": abstract_state.params})
+  if mismatch:
+    raise UserError(
+        f"{checkpoints.directory} holds a checkpoint of another model: {mismatch}. Resume with the run's own "
+        "config (--config=configs/from_run.py:WORKDIR), use a new --workdir, or start from it with checkpoint.init_from"
+    )
   restored = checkpoints.restore(
       step,
       args=ocp.args.Composite(
@@ -107,6 +113,22 @@ def read_only_manager(path: str) -> ocp.CheckpointManager:
   )
 
 
+def _first_mismatch(checkpoints: ocp.CheckpointManager, step: int, target: dict[str, Any]) -> str | None:
+  """What in `target` (a subtree of the TrainState) the stored state of `step` lacks or holds in another shape.
+
+  `checkpoints` must be a read_only_manager: only its state handler can read the stored tree.
+  """
+  stored = jax.tree_util.tree_flatten_with_path(checkpoints.item_metadata(step)["state"].tree)[0]
+  stored_shapes = {_path_name(path): tuple(leaf.shape) for path, leaf in stored}
+  for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
+    name = _path_name(leaf_path)
+    if name not in stored_shapes:
+      return f"{name} is not in {checkpoints.directory} (step {step})"
+    if stored_shapes[name] != tuple(leaf.shape):
+      return f"{name} has shape {stored_shapes[name]} in {checkpoints.directory} but {tuple(leaf.shape)} in this model"
+  return None
+
+
 def restore_parts(checkpoints: ocp.CheckpointManager, step: int | None, target: dict[str, Any], field: str) -> dict[str, Any]:
   """Parts of a saved TrainState (e.g. {"params": abstract params}), read into the target's shardings.
 
@@ -116,16 +138,9 @@ def restore_parts(checkpoints: ocp.CheckpointManager, step: int | None, target: 
   step = checkpoints.latest_step() if step is None else step
   if step is None or step not in checkpoints.all_steps():
     raise FileNotFoundError(f"{field}: no checkpoint {'' if step is None else step} in {checkpoints.directory}")
-  stored = jax.tree_util.tree_flatten_with_path(checkpoints.item_metadata(step)["state"].tree)[0]
-  stored_shapes = {_path_name(path): tuple(leaf.shape) for path, leaf in stored}
-  for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
-    name = _path_name(leaf_path)
-    if name not in stored_shapes:
-      raise ConfigError(f"{field}: {name} is not in {checkpoints.directory} (step {step})")
-    if stored_shapes[name] != tuple(leaf.shape):
-      raise ConfigError(
-          f"{field}: {name} has shape {stored_shapes[name]} in {checkpoints.directory} but {tuple(leaf.shape)} in this model"
-      )
+  mismatch = _first_mismatch(checkpoints, step, target)
+  if mismatch:
+    raise ConfigError(f"{field}: {mismatch}")
   restore_args = ocp.checkpoint_utils.construct_restore_args(target)
   state_args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
   return checkpoints.restore(step, args=ocp.args.Composite(state=state_args))["state"]

@@ -70,6 +70,11 @@ def setup(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
           f"model.vocab_size: {config.model.vocab_size} rows cannot embed the tokenizer's {tokenizer.vocab_size} pieces; "
           "raise it, or set 0 to size it from the tokenizer"
       )
+    if pipeline.num_windows(dataset, "train", config.data.seq_len) == 0:
+      raise config_lib.ConfigError(
+          f"data.seq_len: the train split ({dataset.info.metadata['train_tokens']:,} tokens) holds less than one row of "
+          f"{config.data.seq_len} + 1 tokens; lower it, or add data"
+      )
     if config.eval.every and pipeline.num_windows(dataset, "validation", config.data.seq_len) < config.data.batch_size:
       raise config_lib.ConfigError(
           f"data.validation_fraction: the validation split ({dataset.info.metadata['validation_tokens']:,} tokens) "
@@ -93,30 +98,56 @@ class TrainingError(config_lib.UserError):
 def data_position(config: ml_collections.ConfigDict, run: TrainSetup, next_step: int) -> dict:
   """What the data pipeline needs to continue exactly: the batch at step k depends only on these and k."""
   dataset = run.dataset.builder_config.name if run.dataset else "synthetic"
-  return {"dataset": dataset, "seed": config.data.seed, "next_step": next_step}
+  return {
+      "dataset": dataset,
+      "seed": config.data.seed,
+      "batch_size": config.data.batch_size,  # row r of step k is window k * batch_size + r
+      "seq_len": config.data.seq_len,
+      "next_step": next_step,
+  }
+
+
+def _keep_tokenizer(tokenizer: tokenizer_lib.Tokenizer, workdir: str, resuming: bool) -> None:
+  """Copies the tokenizer into the workdir, so evaluation and export never depend on the data cache.
+
+  A resumed run must go on with the tokenizer its checkpoints were trained with.
+  """
+  kept_path = os.path.join(os.path.abspath(workdir), inference.TOKENIZER_FILE)
+  if resuming and os.path.isfile(kept_path):
+    if tokenizer_lib.Tokenizer(kept_path).fingerprint != tokenizer.fingerprint:
+      raise config_lib.ConfigError(
+          f"data.tokenizer: the checkpoints in {workdir} were trained with another tokenizer than the data's; "
+          f"continue them with --config.data.tokenizer={kept_path}"
+      )
+    return
+  if jax.process_index() == 0 and os.path.abspath(tokenizer.path) != kept_path:
+    shutil.copyfile(tokenizer.path, kept_path)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Trains `config` for config.train.steps steps under `workdir`, resuming from its latest checkpoint."""
   run = setup(config)  # before config.json is written: it fills in the vocabulary size
   os.makedirs(workdir, exist_ok=True)
+  checkpoints = checkpoint.manager(workdir, config.checkpoint)
+  restored = checkpoint.restore_latest(checkpoints, run.abstract_state)
+  if run.tokenizer:
+    _keep_tokenizer(run.tokenizer, workdir, resuming=restored is not None)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-    kept_tokenizer = os.path.join(workdir, inference.TOKENIZER_FILE)
-    # The run keeps its own copy, so evaluation and export never depend on the data cache.
-    if run.tokenizer and os.path.abspath(run.tokenizer.path) != os.path.abspath(kept_tokenizer):
-      shutil.copyfile(run.tokenizer.path, kept_tokenizer)
   evaluating = bool(config.eval.every) and run.dataset is not None
   if config.eval.every and not evaluating:
     distributed.log("Not evaluating: synthetic data has no validation split")
 
-  checkpoints = checkpoint.manager(workdir, config.checkpoint)
-  restored = checkpoint.restore_latest(checkpoints, run.abstract_state)
   if restored:
     state, start_step, progress = restored.state, restored.step, restored.metadata
-    if restored.data != data_position(config, run, start_step):
-      distributed.log(f"Warning: the data differs from the checkpoint's ({restored.data}); continuing at step {start_step}")
+    position = data_position(config, run, start_step)
+    changed = [f"{key} {restored.data[key]} -> {position[key]}" for key in position if restored.data.get(key, position[key]) != position[key]]
+    if changed:
+      distributed.log(
+          f"Warning: the data changed since the checkpoint ({'; '.join(changed)}): from step {start_step} on, the "
+          "batches are not those the interrupted run would have seen"
+      )
     distributed.log(f"Resuming from step {start_step} ({checkpoints.directory})")
   else:
     state, start_step, progress = run.init_state(), 0, {"tokens_seen": 0, "train_seconds": 0.0}
@@ -147,46 +178,48 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
 
   eval_results = {}  # step -> eval metrics, written with that step's row
 
-  def log(logged_step: int, device_metrics: dict[str, jax.Array]) -> None:
-    host_metrics = jax.device_get(device_metrics)  # waits for that step to finish
-    rates = throughput.measure(logged_step, tokens_per_step)
-    writer.write(logged_step, {**host_metrics, **rates, **eval_results.pop(logged_step, {})})
+  def settle(settled_step: int, device_metrics: dict[str, jax.Array], always_log: bool = False) -> None:
+    """Logs a finished step's metrics when due, and stops a run whose gradients stay non-finite."""
+    if always_log or settled_step % config.train.log_every == 0 or settled_step in eval_results:
+      host_metrics = jax.device_get(device_metrics)  # waits for that step to finish
+      rates = throughput.measure(settled_step, tokens_per_step)
+      writer.write(settled_step, {**host_metrics, **rates, **eval_results.pop(settled_step, {})})
+    bad_in_a_row = int(device_metrics["bad_steps_in_a_row"])
+    if bad_in_a_row >= config.train.max_bad_steps:
+      checkpoints.wait_until_finished()
+      raise TrainingError(
+          f"{bad_in_a_row} steps in a row up to step {settled_step} had NaN or Inf gradients and were skipped; "
+          f"stopped. The last checkpoint is step {checkpoints.latest_step()}. Lower optimizer.learning_rate, "
+          "raise train.max_bad_steps, or look at the data of those steps."
+      )
 
-  # The previous step's metrics are read only after this step is dispatched, so the device always
-  # has work queued while the host waits on them.
-  previous = None  # (step number, device metrics)
+  # A step's metrics are read only after the next step is dispatched, so the device always has work
+  # queued while the host waits on them; a step that is checkpointed is settled at once, so its
+  # metrics row is on disk before its checkpoint can be.
+  previous = None  # (step number, device metrics) of the step not settled yet
   with checkpoint.PreemptionWatcher(checkpoints) as preemption:
     for step in range(start_step, config.train.steps):
       state, step_metrics = run.train_step(state, next(batches), jax.random.fold_in(step_rng, step))
       if previous is not None:
-        previous_step, previous_metrics = previous
-        if previous_step % config.train.log_every == 0 or previous_step in eval_results:
-          log(previous_step, previous_metrics)
-        bad_in_a_row = int(previous_metrics["bad_steps_in_a_row"])
-        if bad_in_a_row >= config.train.max_bad_steps:
-          checkpoints.wait_until_finished()
-          raise TrainingError(
-              f"{bad_in_a_row} steps in a row up to step {previous_step} had NaN or Inf gradients and were skipped; "
-              f"stopped. The last checkpoint is step {checkpoints.latest_step()}. Lower optimizer.learning_rate, "
-              "raise train.max_bad_steps, or look at the data of those steps."
-          )
+        settle(*previous)
       done = step + 1
       previous = (done, step_metrics)
       if evaluating and (done % config.eval.every == 0 or done == config.train.steps):
         eval_started = time.perf_counter()
         eval_results[done] = run.evaluate(state.params, config)
         throughput.exclude(time.perf_counter() - eval_started)
+      stopping = preemption.requested(done)  # asked once: a signal arriving later waits for the next step
       every = config.checkpoint.every
-      if preemption.requested(done) or (every and done % every == 0) or done == config.train.steps:
+      if stopping or (every and done % every == 0) or done == config.train.steps:
+        settle(done, step_metrics, always_log=True)
+        previous = None
         save(done)
-      if preemption.signal_name:
-        log(*previous)
+      if stopping:
         checkpoints.wait_until_finished()
         writer.close()
         raise SystemExit(
             f"Stopped by {preemption.signal_name} after step {done}: checkpoint saved in {checkpoints.directory}. "
             "Rerun the same command to resume."
         )
-  log(*previous)
   checkpoints.wait_until_finished()
   writer.close()

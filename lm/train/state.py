@@ -35,7 +35,13 @@ def _init_boxed(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Arr
 def _abstract(init_boxed, mesh: Mesh, axis_rules: sharding.Rules):
   """Shapes and dtypes of init_boxed(rng)'s result, each leaf carrying the NamedSharding of its logical axes."""
   boxed = jax.eval_shape(init_boxed, jax.random.key(0))
-  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, axis_rules)
+  logical_specs = nn.get_partition_spec(boxed)
+  jax.tree_util.tree_map_with_path(
+      lambda path, leaf, spec: sharding.check_divisible(jax.tree_util.keystr(path, simple=True, separator="/"), leaf.shape, spec, mesh, axis_rules),
+      nn.unbox(boxed),
+      logical_specs,
+  )
+  shardings = nn.logical_to_mesh_sharding(logical_specs, mesh, axis_rules)
   return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), nn.unbox(boxed), shardings)
 
 

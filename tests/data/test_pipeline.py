@@ -1,7 +1,6 @@
 """Batches: documents stay apart, the batch at step k depends on (seed, k) alone, epochs reshuffle."""
 
 import itertools
-import json
 import os
 import socket
 import subprocess
@@ -109,9 +108,17 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_build_the_same_global_batches_as_one(prepared, tmp_path):
-  config = prepared[0]
+@pytest.mark.parametrize(
+    "mesh_sizes",
+    [
+        {"data": -1},  # each process holds one block of rows
+        {"data": -1, "dcn_fsdp": 2},  # the processes take turns: rows 0, 2, 4, ... and 1, 3, 5, ...
+    ],
+)
+def test_two_processes_build_the_same_global_batches_as_one(prepared, mesh_sizes, tmp_path):
   expected = _batches(prepared, count=3)
+  config = prepared[0].copy_and_resolve_references()
+  config.mesh.update(mesh_sizes)
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
   workers = [
@@ -124,9 +131,12 @@ def test_two_processes_build_the_same_global_batches_as_one(prepared, tmp_path):
   ]
   for worker in workers:
     assert worker.wait(timeout=180) == 0
-  for process_id in range(2):
+  rows_of_process = [np.load(tmp_path / f"process{process_id}.npz")["rows"] for process_id in range(2)]
+  np.testing.assert_array_equal(np.sort(np.concatenate(rows_of_process)), np.arange(config.data.batch_size))
+  one_block = all(np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows))) for rows in rows_of_process)
+  assert one_block == ("dcn_fsdp" not in mesh_sizes)
+  for process_id, rows in enumerate(rows_of_process):
     shards = np.load(tmp_path / f"process{process_id}.npz")
-    rows = json.loads(str(shards["rows"]))
     for step in range(3):
       for name in ("inputs", "targets", "segment_ids", "positions", "weights"):
-        np.testing.assert_array_equal(shards[f"{name}_{step}"], expected[step][name][rows[0] : rows[1]])
+        np.testing.assert_array_equal(shards[f"{name}_{step}"], expected[step][name][rows])

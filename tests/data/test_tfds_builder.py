@@ -29,7 +29,8 @@ def messy_dir(tmp_path_factory):
   (root / "long.py").write_text("x = 1\n" * 500)  # 3000 chars: split into 3 pieces of 1000
   (root / "notes.bin").write_bytes(b"\x00\x01")  # not a text extension: never read
   lines = [json.dumps({"text": "a json document"}), "{not json", json.dumps({"body": "wrong key"}), "", json.dumps({"text": "another one"})]
-  (root / "records.jsonl").write_text("\n".join(lines) + "\n")
+  latin1_line = json.dumps({"text": "café"}, ensure_ascii=False).encode("latin-1")  # not UTF-8
+  (root / "records.jsonl").write_bytes(("\n".join(lines) + "\n").encode() + latin1_line + b"\n")
   return root
 
 
@@ -64,12 +65,12 @@ def _stream_documents(builder, tokenizer, split):
 def test_counts_what_was_skipped_split_and_deduplicated(built):
   _, _, builder = built
   meta = builder.info.metadata
-  assert (meta["binary"], meta["non_utf8"], meta["empty"], meta["malformed"], meta["split"]) == (1, 1, 2, 2, 1)
+  assert (meta["binary"], meta["non_utf8"], meta["empty"], meta["malformed"], meta["split"]) == (1, 2, 2, 2, 1)
   assert meta["train_duplicates"] + meta["validation_duplicates"] == 1
   # 30 good + near-duplicate + windows + 3 pieces of long.py + 2 JSON documents
   assert meta["train_documents"] + meta["validation_documents"] == 37
   assert meta["train_documents"] > 0 and meta["validation_documents"] > 0
-  assert "1 binary, 1 non_utf8, 2 malformed, 2 empty" in tfds_builder.summary(builder)
+  assert "1 binary, 2 non_utf8, 2 malformed, 2 empty" in tfds_builder.summary(builder)
 
 
 def test_streams_hold_exactly_the_cleaned_documents_once(built, messy_dir):
@@ -81,6 +82,32 @@ def test_streams_hold_exactly_the_cleaned_documents_once(built, messy_dir):
   assert (messy_dir / "near_good1.txt").read_text() in documents
   for split in tfds_builder.SPLITS:
     assert builder.info.metadata[f"{split}_tokens"] == sum(len(r["tokens"]) for r in builder.as_data_source(split))
+
+
+def test_the_pieces_of_a_long_document_stay_in_one_split(built, messy_dir):
+  _, tokenizer, builder = built
+  pieces = tfds_builder.split_long((messy_dir / "long.py").read_text(), 1000)
+  assert len(set(pieces)) == 3
+  split, _ = tfds_builder.split_of((messy_dir / "long.py").read_text(), 0.3)  # decided by the whole document
+  assert set(pieces) <= set(_stream_documents(builder, tokenizer, split))
+
+
+def test_a_split_without_documents_is_left_out_and_training_needs_no_validation(tiny_config, tmp_path):
+  from lm.train import loop
+
+  for i in range(5):
+    (tmp_path / f"doc{i}.txt").write_text(f"document {i} " * 50)
+  overrides = {
+      "data.source": f"text:{tmp_path}", "data.data_dir": str(tmp_path / "data"), "model.vocab_size": 0,
+      "data.tokenizer_vocab_size": 300, "data.validation_fraction": 0.0, "data.seq_len": 16,
+  }  # fmt: skip
+  _, builder = tfds_builder.prepare(tiny_config("llama", overrides).data)
+  assert builder.info.metadata["validation_tokens"] == 0 and builder.info.metadata["train_documents"] == 5
+  assert "validation 0 documents / 0 tokens" in tfds_builder.summary(builder)
+  with pytest.raises(ConfigError, match="^data.validation_fraction: the validation split"):
+    loop.setup(tiny_config("llama", {**overrides, "eval.every": 5}))
+  run = loop.setup(tiny_config("llama", {**overrides, "eval.every": 0}))
+  assert next(run.train_batches(run.config))["inputs"].shape == (8, 16)
 
 
 def test_split_is_a_stable_function_of_the_content():
@@ -168,4 +195,12 @@ def test_a_vocabulary_too_small_for_the_characters_names_the_field(tiny_config, 
       {"data.source": f"text:{messy_dir}", "data.data_dir": str(tmp_path), "data.tokenizer_vocab_size": 261},
   )
   with pytest.raises(ConfigError, match="data.tokenizer_vocab_size"):
+    tfds_builder.prepare(config.data)
+
+
+def test_a_source_with_no_usable_document_is_a_one_line_error(tiny_config, tmp_path):
+  (tmp_path / "empty.txt").write_text("")
+  (tmp_path / "image.txt").write_bytes(bytes(range(256)))
+  config = tiny_config("llama", {"data.source": f"text:{tmp_path}", "data.data_dir": str(tmp_path / "data")})
+  with pytest.raises(ConfigError, match="^data.source: no usable documents"):
     tfds_builder.prepare(config.data)

@@ -2,8 +2,10 @@
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 from hypothesis import given, settings, strategies as st
 
+from lm.config import ConfigError
 from lm.data import tokenizer as tokenizer_lib
 
 from conftest import make_document  # tests/conftest.py
@@ -59,3 +61,16 @@ def test_missing_model_file_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("size, multiple, padded", [(320, 128, 384), (384, 128, 384), (50257, 128, 50304), (5, 1, 5)])
 def test_padded_vocab_size(size, multiple, padded):
   assert tokenizer_lib.padded_vocab_size(size, multiple) == padded
+
+
+def test_a_given_tokenizer_that_loses_characters_is_refused(tokenizer, tmp_path):
+  tokenizer.check_lossless("data.tokenizer")  # ours passes
+  rng = np.random.default_rng(2)
+  path = str(tmp_path / "lossy.model")
+  # sentencepiece's defaults: NFKC normalization, collapsed whitespace, no byte fallback.
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter([make_document(rng, i) for i in range(200)]), model_prefix=path[: -len(".model")],
+      vocab_size=300, minloglevel=2,
+  )  # fmt: skip
+  with pytest.raises(ConfigError, match="^data.tokenizer: .*lossy.model is not a lossless tokenizer"):
+    tokenizer_lib.Tokenizer(path).check_lossless("data.tokenizer")

@@ -22,12 +22,12 @@ mesh = sharding.make_mesh(config.mesh)
 rules = sharding.rules(config.mesh)
 batch_sharding = sharding.logical_sharding(mesh, rules, sharding.BATCH_AXES)
 rows = sharding.process_rows(batch_sharding, (config.data.batch_size, config.data.seq_len))
-arrays = {"rows": json.dumps([rows.start, rows.stop])}
+arrays = {"rows": rows}
 batches = pipeline.train_batches(config, mesh, rules, builder, tokenizer.eos_id)
 for step in range(3):
   batch = next(batches)
   for name, array in batch.items():
     assert array.shape == (config.data.batch_size, config.data.seq_len)
-    by_first_row = {shard.index[0].start or 0: np.asarray(shard.data) for shard in array.addressable_shards}
+    by_first_row = {shard.index[0].indices(config.data.batch_size)[0]: np.asarray(shard.data) for shard in array.addressable_shards}
     arrays[f"{name}_{step}"] = np.concatenate([by_first_row[row] for row in sorted(by_first_row)])
 np.savez(f"{out_dir}/process{process_id}.npz", **arrays)

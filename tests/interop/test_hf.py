@@ -10,6 +10,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+import safetensors.numpy as safetensors_numpy
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -61,6 +62,20 @@ def _lm_logits(model_config, params) -> np.ndarray:
 def test_imported_transformers_model_gives_its_logits(name, tmp_path):
   model = _hf_model(name)
   model.save_pretrained(tmp_path)
+  model_config, params = hf.load(str(tmp_path))
+  np.testing.assert_allclose(_lm_logits(model_config, params), _hf_logits(model), atol=1e-4)
+
+
+def test_gpt2_weights_named_without_the_transformer_prefix_import(tmp_path):
+  """The Hub's openai-community/gpt2 files name tensors wte.weight, h.0.attn.c_attn.weight, ..., with the
+  causal-mask buffers attn.bias among them."""
+  model = _hf_model("gpt2")
+  model.save_pretrained(tmp_path)
+  tensors = hf._read_tensors(str(tmp_path))
+  bare = {name.removeprefix("transformer."): tensor for name, tensor in tensors.items() if name != "lm_head.weight"}
+  bare["h.0.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), np.float32))
+  os.remove(tmp_path / "model.safetensors")
+  safetensors_numpy.save_file(bare, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
   model_config, params = hf.load(str(tmp_path))
   np.testing.assert_allclose(_lm_logits(model_config, params), _hf_logits(model), atol=1e-4)
 

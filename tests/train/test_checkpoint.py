@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from lm.config import ConfigError
+from lm.config import ConfigError, UserError
 from lm.train import checkpoint, loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -184,7 +184,7 @@ def test_too_many_nan_steps_in_a_row_stop_the_run_keeping_the_last_good_checkpoi
   with pytest.raises(loop.TrainingError, match="3 steps in a row up to step 8"):
     loop.train(config, str(tmp_path / "run"))
   checkpoints = checkpoint.manager(str(tmp_path / "run"), config.checkpoint)
-  assert checkpoints.latest_step() == 8
+  assert checkpoints.latest_step() == 4  # the run stopped at step 8 instead of saving it
   state = checkpoint.restore_latest(checkpoints, loop.setup(config).abstract_state).state
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state.params))
 
@@ -228,3 +228,25 @@ def test_init_from_loads_another_runs_params(tiny_config, tmp_path):
   run = loop.setup(wider)
   with pytest.raises(ConfigError, match=r"params/layers/mlp/down/kernel has shape \(2, 64, 32\) .* but \(2, 96, 32\)"):
     checkpoint.init_from(wider.checkpoint, run.init_state(), run.abstract_state)
+
+
+def test_resuming_with_another_model_is_a_one_line_error(tiny_config, tmp_path):
+  loop.train(tiny_config("llama", {"train.steps": 2}), str(tmp_path))
+  with pytest.raises(UserError, match=r"another model: params/layers/mlp/down/kernel has shape \(2, 64, 32\) .* but \(2, 96, 32\)"):
+    loop.train(tiny_config("llama", {"train.steps": 4, "model.mlp_dim": 96}), str(tmp_path))
+  loop.train(tiny_config("llama", {"train.steps": 4}), str(tmp_path))  # the same model resumes
+  assert checkpoint.manager(str(tmp_path), tiny_config().checkpoint).latest_step() == 4
+
+
+def test_resuming_with_another_tokenizer_is_refused_and_the_kept_one_continues(text_config, tmp_path):
+  fixed_vocab = {"model.vocab_size": 384, "train.steps": 2, "eval.every": 0}
+  loop.train(text_config(fixed_vocab), str(tmp_path))
+  kept = tmp_path / "tokenizer.model"
+  kept_bytes = kept.read_bytes()
+  other_tokenizer = text_config({**fixed_vocab, "train.steps": 4, "data.tokenizer_vocab_size": 300})
+  with pytest.raises(ConfigError, match=f"^data.tokenizer: .* --config.data.tokenizer={kept}$"):
+    loop.train(other_tokenizer, str(tmp_path))
+  assert kept.read_bytes() == kept_bytes
+  other_tokenizer.data.tokenizer = str(kept)
+  loop.train(other_tokenizer, str(tmp_path))
+  assert checkpoint.manager(str(tmp_path), other_tokenizer.checkpoint).latest_step() == 4
