@@ -1,6 +1,6 @@
 """How long the training loop stalls when it saves a checkpoint, as a fraction of a step.
 
-    python benchmarks/checkpoint_stall.py --config=configs/quickstart.py --config.model.vocab_size=4096
+    python benchmarks/checkpoint_stall.py --config=configs/quickstart.py
     python benchmarks/checkpoint_stall.py --config=configs/gpt2_124m.py --config.data.batch_size=2 \
         --config.data.seq_len=128 --config.train.microbatches=1 --config.model.dtype=float32
 
@@ -30,7 +30,7 @@ def main(argv):
   config.data.source = "synthetic"  # the stall is about the state, not the data
   run = loop.setup(config)
   state = run.init_state()
-  batches = run.train_batches(config)
+  batches = run.train_batches()
   num_params = sum(leaf.size for leaf in jax.tree.leaves(state.params))
   with tempfile.TemporaryDirectory() as workdir:
     checkpoints = checkpoint.manager(workdir, config.checkpoint)

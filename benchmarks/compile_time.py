@@ -22,7 +22,7 @@ _LAYERS = flags.DEFINE_list("layers", ["4", "48"], "Depths to compile.")
 def compile_seconds(config: ml_collections.ConfigDict) -> float:
   """Wall time to lower and compile the training step of `config`."""
   run = loop.setup(config)
-  batch = next(run.train_batches(config))
+  batch = next(run.train_batches())
   start = time.perf_counter()
   run.train_step.lower(run.abstract_state, batch, jax.random.key(0)).compile()
   return time.perf_counter() - start

@@ -40,7 +40,7 @@ def measure(config: ml_collections.ConfigDict) -> dict:
   """Times training steps of `config`; returns the numbers the table shows."""
   run = loop.setup(config)
   state = run.init_state()
-  batches = run.train_batches(config)
+  batches = run.train_batches()
   rng = jax.random.key(0)
   for step in range(_WARMUP.value):
     state, step_metrics = run.train_step(state, next(batches), jax.random.fold_in(rng, step))
@@ -88,7 +88,6 @@ def main(argv):
   config = ml_collections.ConfigDict(_CONFIG.value)
   if not _REAL_DATA.value:
     config.data.source = "synthetic"
-    config.model.vocab_size = config.model.vocab_size or 32000
   result = measure(config)
   memory = result["peak_memory_bytes"]
   rows = [

@@ -74,7 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
   data.data_dir = "~/.cache/lm"  # where tokenizers and tokenized shards are built
   data.tokenizer = ""  # a sentencepiece .model to use; empty: train one on the source
   data.tokenizer_type = "bpe"  # "bpe" or "unigram", when training a tokenizer
-  data.tokenizer_vocab_size = 32000  # pieces, when training a tokenizer
+  data.tokenizer_vocab_size = 32000  # pieces, when training a tokenizer (synthetic data: its vocabulary size)
   data.tokenizer_sample_bytes = 50_000_000  # text the tokenizer is trained on
   data.validation_fraction = 0.01  # documents held out (by a stable hash of their content)
   data.max_document_chars = 1_000_000  # longer documents are split into pieces this long

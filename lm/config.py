@@ -92,8 +92,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   _one_of(model.remat_policy, tuple(transformer.REMAT_POLICIES), "model.remat_policy")
   _one_of(model.dtype, DTYPES, "model.dtype")
   _one_of(model.param_dtype, DTYPES, "model.param_dtype")
-  if data.source == "synthetic":
-    _require(model.vocab_size >= 1, "model.vocab_size", "synthetic data has no tokenizer to size the vocabulary; set it")
   _require(model.vocab_size >= 0, "model.vocab_size", f"must be >= 0 (0: from the tokenizer), got {model.vocab_size}")
   for field in ("num_layers", "embed_dim", "num_heads", "num_kv_heads", "mlp_dim", "max_seq_len"):
     _require(model[field] >= 1, f"model.{field}", f"must be >= 1, got {model[field]}")

@@ -46,7 +46,13 @@ def _empty_cache(model: nn.Module, batch: int, length: int):
   return jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), shapes["cache"])
 
 
+# Module-level jitted functions with the model and the sampling knobs as static arguments: a second
+# call with the same shapes reuses the compiled code.
+
+
+@functools.partial(jax.jit, static_argnames=("model", "cache_length"))
 def _prefill(params, tokens_BP, segment_ids_BP, positions_BP, *, model, cache_length):
+  """Fills a fresh cache with the prompts; returns the logits after each prompt and the cache."""
   cache = _empty_cache(model, tokens_BP.shape[0], cache_length)
   logits_BPV, variables = model.apply(
       {"params": params, "cache": cache}, tokens_BP, segment_ids_BP, positions_BP, decode=True, mutable=["cache"]
@@ -54,10 +60,20 @@ def _prefill(params, tokens_BP, segment_ids_BP, positions_BP, *, model, cache_le
   return logits_BPV[:, -1], variables["cache"]
 
 
-def _decode_step(params, cache, tokens_B, positions_B, *, model):
+@functools.partial(jax.jit, static_argnames=("vocab_size", "temperature", "top_k", "top_p"))
+def _choose(logits_BV, rng, index, *, vocab_size, temperature, top_k, top_p):
+  """The next token of each row; ids past the tokenizer's vocabulary (embedding padding) are never drawn."""
+  logits_BV = jnp.where(jnp.arange(logits_BV.shape[-1]) < vocab_size, logits_BV, -jnp.inf)
+  return sample(logits_BV, jax.random.fold_in(rng, index), temperature, top_k, top_p)
+
+
+@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))
+def _decode_step(params, cache, tokens_B, prompt_lengths_B, index, *, model):
+  """Appends the new tokens (the `index`-th after each prompt) to the cache; returns the next logits and the cache."""
   tokens_B1 = tokens_B[:, None]
+  positions_B1 = (prompt_lengths_B + index)[:, None]
   logits_B1V, variables = model.apply(
-      {"params": params, "cache": cache}, tokens_B1, jnp.ones_like(tokens_B1), positions_B[:, None], decode=True,
+      {"params": params, "cache": cache}, tokens_B1, jnp.ones_like(tokens_B1), positions_B1, decode=True,
       mutable=["cache"],
   )  # fmt: skip
   return logits_B1V[:, 0], variables["cache"]
@@ -108,27 +124,21 @@ def generate_ids(
   segment_ids_BP = (np.arange(prompt_length)[None, :] >= pad_lengths[:, None]).astype(np.int32)
   positions_BP = np.maximum(np.arange(prompt_length)[None, :] - pad_lengths[:, None], 0).astype(np.int32)
 
-  prefill = sharding.MeshJit(jax.jit(functools.partial(_prefill, model=model, cache_length=cache_length)), mesh, axis_rules)
-  decode_step = sharding.MeshJit(jax.jit(functools.partial(_decode_step, model=model), donate_argnums=(1,)), mesh, axis_rules)
   vocab_size = vocab_size or model.cfg.vocab_size
-  top_k = min(top_k, vocab_size)  # a k past the vocabulary keeps every token
-
-  @jax.jit
-  def choose(logits_BV, rng):
-    logits_BV = jnp.where(jnp.arange(logits_BV.shape[-1]) < vocab_size, logits_BV, -jnp.inf)
-    return sample(logits_BV, rng, temperature, top_k, top_p)
-
-  logits_BV, cache = prefill(params, tokens_BP, segment_ids_BP, positions_BP)
-  positions_B = jnp.asarray(prompt_length - pad_lengths, jnp.int32)
+  knobs = {"vocab_size": vocab_size, "temperature": temperature, "top_k": min(top_k, vocab_size), "top_p": top_p}
+  prompt_lengths_B = np.asarray(prompt_length - pad_lengths, np.int32)
   rng = jax.random.key(seed)
   generated, done_B = [], np.zeros(num_rows, bool)
-  for index in range(max_new_tokens):
-    tokens_B = choose(logits_BV, jax.random.fold_in(rng, index))
-    generated.append(tokens_B)
-    done_B |= np.asarray(tokens_B) == eos_id
-    if done_B[: len(prompts)].all() or index == max_new_tokens - 1:
-      break
-    logits_BV, cache = decode_step(params, cache, tokens_B, positions_B + index)
+  with sharding.activate(mesh, axis_rules):
+    logits_BV, cache = _prefill(params, tokens_BP, segment_ids_BP, positions_BP, model=model, cache_length=cache_length)
+    for index in range(max_new_tokens):
+      tokens_B = _choose(logits_BV, rng, index, **knobs)
+      generated.append(tokens_B)
+      if index < max_new_tokens - 1:  # dispatched before the host looks at the tokens, so the device keeps busy
+        logits_BV, cache = _decode_step(params, cache, tokens_B, prompt_lengths_B, index, model=model)
+      done_B |= np.asarray(tokens_B) == eos_id
+      if done_B[: len(prompts)].all():
+        break
 
   new_tokens = np.stack([np.asarray(tokens_B) for tokens_B in generated], axis=1)
   outputs = []

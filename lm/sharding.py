@@ -49,8 +49,6 @@ FIELD_OF_LOGICAL_AXIS = {
     "mlp": "model.mlp_dim",
     "heads": "model.num_heads",
     "kv_heads": "model.num_kv_heads",
-    "head_dim": "model.num_heads",
-    "layers": "model.num_layers",
 }
 
 

@@ -66,7 +66,8 @@ def _windows(builder: tfds.core.DatasetBuilder, split: str, seq_len: int, shuffl
   """Window index -> [T + 1] tokens; with a seed, an endless sequence reshuffled each epoch."""
   count = num_windows(builder, split, seq_len)
   if count == 0:
-    raise ConfigError(f"data.seq_len: the {split} split has too few tokens for one row of {seq_len} + 1 tokens")
+    tokens = builder.info.metadata[f"{split}_tokens"]
+    raise ConfigError(f"data.seq_len: the {split} split ({tokens:,} tokens) holds less than one row of {seq_len} + 1 tokens")
   windows = grain.MapDataset.range(count)
   if shuffle_seed is not None:
     windows = windows.shuffle(seed=shuffle_seed).repeat()

@@ -117,11 +117,12 @@ class TokenizedText(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(split) for split in splits}
 
   def _splits_with_documents(self) -> list[str]:
-    """The splits that get at least one document; reads only until every split has one."""
+    """The splits that get at least one document; reads only until every split that can has one."""
+    possible = set(SPLITS) if self._validation_fraction > 0 else {"train"}
     found = set()
     for text in whole_documents(self._source):
       found.add(split_of(text, self._validation_fraction)[0])
-      if len(found) == len(SPLITS):
+      if found == possible:
         break
     if not found:
       raise ConfigError(f"data.source: {self._source.slug} has no usable documents (all empty, binary or not UTF-8)")
@@ -136,11 +137,12 @@ class TokenizedText(tfds.core.GeneratorBasedBuilder):
     chunk_index = 0
 
     def drain(final: bool):
-      nonlocal chunk_index, stream
-      while len(stream) >= CHUNK_TOKENS or (final and stream):
-        chunk, stream = stream[:CHUNK_TOKENS], stream[CHUNK_TOKENS:]
-        yield chunk_index, {"tokens": np.asarray(chunk, np.int32)}
+      nonlocal chunk_index
+      end = len(stream) if final else len(stream) // CHUNK_TOKENS * CHUNK_TOKENS
+      for start in range(0, end, CHUNK_TOKENS):
+        yield chunk_index, {"tokens": np.asarray(stream[start : start + CHUNK_TOKENS], np.int32)}
         chunk_index += 1
+      del stream[:end]  # once, not per chunk: cutting one chunk at a time would copy the rest each time
 
     def tokenize_pending():
       nonlocal pending, pending_chars

@@ -46,11 +46,11 @@ class Tokenizer:
       ids += self._sp.encode(part)
     return ids
 
-  def encode_batch(self, texts: list[str], num_threads: int = 0) -> list[list[int]]:
-    """encode() of each text, in parallel sentencepiece threads (0: one per core)."""
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    """encode() of each text, in parallel sentencepiece threads (one per core)."""
     if any(_SPACE_MARK in text for text in texts):
       return [self.encode(text) for text in texts]
-    return self._sp.encode(texts, num_threads=num_threads or os.cpu_count())
+    return self._sp.encode(texts, num_threads=os.cpu_count())
 
   def byte_lengths(self, padded_vocab_size: int) -> np.ndarray:
     """[padded_vocab_size] int32: UTF-8 bytes of text each id stands for (0 for BOS, EOS and padding ids)."""

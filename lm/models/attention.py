@@ -60,19 +60,10 @@ def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS,
     try:
       return dot_product_attention(*args, implementation="cudnn")
     except (ValueError, NotImplementedError, RuntimeError) as error:  # raised while tracing: nothing ran yet
-      _warn_once(f"cuDNN attention is not available here ({error}); using the XLA implementation")
+      logging.log_first_n(logging.WARNING, f"cuDNN attention is not available here ({error}); using the XLA implementation", 1)
   else:
-    _warn_once("model.attention=cudnn needs an NVIDIA GPU; using the XLA implementation")
+    logging.log_first_n(logging.WARNING, "model.attention=cudnn needs an NVIDIA GPU; using the XLA implementation", 1)
   return dot_product_attention(*args, implementation="xla")
-
-
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-  if message not in _warned:
-    _warned.add(message)
-    logging.warning(message)
 
 
 KERNELS = {"xla": xla_attention, "dot_product": dot_product_attention, "cudnn": cudnn_attention}

@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from lm.models import attention, layers
 
@@ -97,9 +98,12 @@ class Transformer(nn.Module):
 
 
 def stack_layers(params: dict, num_layers: int) -> dict:
-  """Converts unscanned params (layers_0 ... layers_{L-1}) to the scanned layout (one "layers" entry)."""
+  """Converts unscanned params (layers_0 ... layers_{L-1}) to the scanned layout (one "layers" entry).
+
+  Stacks on the host (numpy), so a converted checkpoint never lands whole on one device.
+  """
   per_layer = [params[f"layers_{i}"] for i in range(num_layers)]
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+  stacked = jax.tree.map(lambda *xs: np.stack(xs), *per_layer)
   rest = {name: value for name, value in params.items() if not name.startswith("layers_")}
   return {**rest, "layers": stacked}
 

@@ -25,6 +25,10 @@ from lm.train.state import TrainState
 ITEMS = ("state", "data", "config", "metadata")
 
 
+def _json_handlers() -> dict[str, ocp.JsonCheckpointHandler]:
+  return {name: ocp.JsonCheckpointHandler() for name in ITEMS if name != "state"}
+
+
 def directory(workdir: str) -> str:
   """Where a run's checkpoints live."""
   return os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
@@ -38,7 +42,9 @@ def manager(workdir: str, checkpoint: ml_collections.ConfigDict) -> ocp.Checkpoi
       enable_async_checkpointing=checkpoint.async_save,
       cleanup_tmp_directories=True,  # leftovers of a save that was killed
   )
-  return ocp.CheckpointManager(directory(workdir), options=options, item_names=ITEMS)
+  # Handlers named up front, so the stored state's shapes can be read before restoring it.
+  item_handlers = {"state": ocp.StandardCheckpointHandler(), **_json_handlers()}
+  return ocp.CheckpointManager(directory(workdir), options=options, item_handlers=item_handlers)
 
 
 def save(
@@ -77,7 +83,7 @@ def restore_latest(checkpoints: ocp.CheckpointManager, abstract_state: TrainStat
   step = checkpoints.latest_step()
   if step is None:
     return None
-  mismatch = _first_mismatch(read_only_manager(checkpoints.directory), step, {"params": abstract_state.params})
+  mismatch = _first_mismatch(checkpoints, step, {"params": abstract_state.params})
   if mismatch:
     raise UserError(
         f"{checkpoints.directory} holds a checkpoint of another model: {mismatch}. Resume with the run's own "
@@ -94,10 +100,6 @@ def restore_latest(checkpoints: ocp.CheckpointManager, abstract_state: TrainStat
   return Restored(step, restored["state"], restored["data"], restored["metadata"])
 
 
-def _path_name(path) -> str:
-  return "/".join(str(getattr(entry, "key", getattr(entry, "name", entry))) for entry in path)
-
-
 def read_only_manager(path: str) -> ocp.CheckpointManager:
   """A manager for reading the checkpoints of a run's workdir (or of its checkpoints directory)."""
   path = os.path.abspath(os.path.expanduser(path))
@@ -105,23 +107,19 @@ def read_only_manager(path: str) -> ocp.CheckpointManager:
     path = os.path.join(path, "checkpoints")
   if not os.path.isdir(path):
     raise FileNotFoundError(f"no checkpoints at {path}")
-  json_items = {name: ocp.JsonCheckpointHandler() for name in ITEMS if name != "state"}
   return ocp.CheckpointManager(
       path,
       options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False),
-      item_handlers={"state": ocp.PyTreeCheckpointHandler(), **json_items},  # the state handler reads subtrees
+      item_handlers={"state": ocp.PyTreeCheckpointHandler(), **_json_handlers()},  # the state handler reads subtrees
   )
 
 
 def _first_mismatch(checkpoints: ocp.CheckpointManager, step: int, target: dict[str, Any]) -> str | None:
-  """What in `target` (a subtree of the TrainState) the stored state of `step` lacks or holds in another shape.
-
-  `checkpoints` must be a read_only_manager: only its state handler can read the stored tree.
-  """
+  """What in `target` (a subtree of the TrainState) the stored state of `step` lacks or holds in another shape."""
   stored = jax.tree_util.tree_flatten_with_path(checkpoints.item_metadata(step)["state"].tree)[0]
-  stored_shapes = {_path_name(path): tuple(leaf.shape) for path, leaf in stored}
+  stored_shapes = {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape) for path, leaf in stored}
   for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
-    name = _path_name(leaf_path)
+    name = jax.tree_util.keystr(leaf_path, simple=True, separator="/")
     if name not in stored_shapes:
       return f"{name} is not in {checkpoints.directory} (step {step})"
     if stored_shapes[name] != tuple(leaf.shape):

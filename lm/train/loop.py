@@ -1,6 +1,8 @@
 """The training loop: ties config, mesh, state, data, step and metrics together."""
 
 import dataclasses
+import filecmp
+import functools
 import os
 import shutil
 import time
@@ -9,6 +11,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -40,46 +43,47 @@ class TrainSetup:
     """A freshly initialized state, sharded over the mesh."""
     return state_lib.init(self.model, self.tx, self.abstract_state, self.config.train.seed)
 
-  def train_batches(self, config: ml_collections.ConfigDict, start_step: int = 0):
+  def train_batches(self, start_step: int = 0):
     """The global batches of steps start_step, start_step + 1, ..."""
     eos_id = self.tokenizer.eos_id if self.tokenizer else None
-    return pipeline.train_batches(config, self.mesh, self.axis_rules, self.dataset, eos_id, start_step)
+    return pipeline.train_batches(self.config, self.mesh, self.axis_rules, self.dataset, eos_id, start_step)
 
-  def evaluate(self, params, config: ml_collections.ConfigDict) -> dict[str, float]:
-    """eval_loss, eval_perplexity, eval_bits_per_byte over config.eval.steps batches of the validation split."""
+  @functools.cached_property
+  def _byte_lengths(self) -> np.ndarray:
+    return self.tokenizer.byte_lengths(self.config.model.vocab_size)
+
+  def evaluate(self, params) -> dict[str, float]:
+    """eval_loss, eval_perplexity, eval_bits_per_byte over eval.steps batches of the validation split."""
+    config = self.config
     batches = pipeline.eval_batches(config, self.mesh, self.axis_rules, self.dataset, self.tokenizer.eos_id, config.eval.steps)
-    byte_lengths_V = self.tokenizer.byte_lengths(config.model.vocab_size)
-    result = evaluate_lib.evaluate(self.eval_step, params, batches, byte_lengths_V)
+    result = evaluate_lib.evaluate(self.eval_step, params, batches, self._byte_lengths)
     return {f"eval_{name}": value for name, value in result.items() if name != "tokens"}
 
 
 def setup(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> TrainSetup:
   """Checks the config, prepares the data, then builds the mesh (over `devices`, default all), model, state and step.
 
-  A model.vocab_size of 0 becomes the tokenizer's vocabulary, rounded up to model.vocab_multiple.
+  A model.vocab_size of 0 becomes the tokenizer's vocabulary (with synthetic data, the
+  data.tokenizer_vocab_size a tokenizer would have), rounded up to model.vocab_multiple.
   """
   devices = list(jax.devices() if devices is None else devices)
   config_lib.validate(config, len(devices))
   tokenizer, dataset = None, None
   if config.data.source != "synthetic":
     tokenizer, dataset = tfds_builder.prepare(config.data)
-    if config.model.vocab_size == 0:
-      config.model.vocab_size = tokenizer_lib.padded_vocab_size(tokenizer.vocab_size, config.model.vocab_multiple)
-    elif config.model.vocab_size < tokenizer.vocab_size:
+    if config.model.vocab_size and config.model.vocab_size < tokenizer.vocab_size:
       raise config_lib.ConfigError(
           f"model.vocab_size: {config.model.vocab_size} rows cannot embed the tokenizer's {tokenizer.vocab_size} pieces; "
           "raise it, or set 0 to size it from the tokenizer"
-      )
-    if pipeline.num_windows(dataset, "train", config.data.seq_len) == 0:
-      raise config_lib.ConfigError(
-          f"data.seq_len: the train split ({dataset.info.metadata['train_tokens']:,} tokens) holds less than one row of "
-          f"{config.data.seq_len} + 1 tokens; lower it, or add data"
       )
     if config.eval.every and pipeline.num_windows(dataset, "validation", config.data.seq_len) < config.data.batch_size:
       raise config_lib.ConfigError(
           f"data.validation_fraction: the validation split ({dataset.info.metadata['validation_tokens']:,} tokens) "
           f"holds less than one batch of data.batch_size x data.seq_len; raise it, or set eval.every=0"
       )
+  if config.model.vocab_size == 0:
+    pieces = tokenizer.vocab_size if tokenizer else config.data.tokenizer_vocab_size
+    config.model.vocab_size = tokenizer_lib.padded_vocab_size(pieces, config.model.vocab_multiple)
   mesh = sharding.make_mesh(config.mesh, devices)
   axis_rules = sharding.rules(config.mesh)
   model = Transformer(ml_collections.FrozenConfigDict(config.model))
@@ -114,7 +118,7 @@ def _keep_tokenizer(tokenizer: tokenizer_lib.Tokenizer, workdir: str, resuming: 
   """
   kept_path = os.path.join(os.path.abspath(workdir), inference.TOKENIZER_FILE)
   if resuming and os.path.isfile(kept_path):
-    if tokenizer_lib.Tokenizer(kept_path).fingerprint != tokenizer.fingerprint:
+    if not filecmp.cmp(kept_path, tokenizer.path, shallow=False):
       raise config_lib.ConfigError(
           f"data.tokenizer: the checkpoints in {workdir} were trained with another tokenizer than the data's; "
           f"continue them with --config.data.tokenizer={kept_path}"
@@ -157,7 +161,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
     distributed.log(f"Nothing to do: the run is at step {start_step} of train.steps={config.train.steps}")
     return
 
-  batches = run.train_batches(config, start_step)
+  batches = run.train_batches(start_step)
   step_rng = jax.random.key(config.train.seed)
   tokens_per_step = config.data.batch_size * config.data.seq_len
   writer = metrics_lib.MetricsWriter(workdir, config.train.steps, start_step)
@@ -206,7 +210,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
       previous = (done, step_metrics)
       if evaluating and (done % config.eval.every == 0 or done == config.train.steps):
         eval_started = time.perf_counter()
-        eval_results[done] = run.evaluate(state.params, config)
+        eval_results[done] = run.evaluate(state.params)
         throughput.exclude(time.perf_counter() - eval_started)
       stopping = preemption.requested(done)  # asked once: a signal arriving later waits for the next step
       every = config.checkpoint.every

@@ -107,7 +107,7 @@ def test_a_split_without_documents_is_left_out_and_training_needs_no_validation(
   with pytest.raises(ConfigError, match="^data.validation_fraction: the validation split"):
     loop.setup(tiny_config("llama", {**overrides, "eval.every": 5}))
   run = loop.setup(tiny_config("llama", {**overrides, "eval.every": 0}))
-  assert next(run.train_batches(run.config))["inputs"].shape == (8, 16)
+  assert next(run.train_batches())["inputs"].shape == (8, 16)
 
 
 def test_split_is_a_stable_function_of_the_content():

@@ -156,8 +156,8 @@ def _with_nan_weights(monkeypatch, nan_steps):
   """Makes the batches of `nan_steps` carry NaN weights, so their gradients are NaN."""
   original = loop.TrainSetup.train_batches
 
-  def train_batches(self, config, start_step=0):
-    for step, batch in enumerate(original(self, config, start_step), start_step):
+  def train_batches(self, start_step=0):
+    for step, batch in enumerate(original(self, start_step), start_step):
       if step in nan_steps:
         batch = dict(batch, weights=batch["weights"] * np.float32("nan"))
       yield batch

@@ -24,7 +24,7 @@ def _run(config, num_steps, devices=None):
   run = loop.setup(config, devices)
   state = run.init_state()
   losses = []
-  for step, batch in zip(range(num_steps), run.train_batches(config)):
+  for step, batch in zip(range(num_steps), run.train_batches()):
     state, metrics = run.train_step(state, batch, jax.random.fold_in(jax.random.key(0), step))
     losses.append(float(metrics["loss"]))
   return np.array(losses), state
@@ -42,7 +42,7 @@ def test_microbatches_equal_one_large_batch(tiny_config):
 def test_weights_exclude_tokens_from_the_loss(tiny_config):
   config = tiny_config("gpt2", {"mesh.data": 8})
   run = loop.setup(config)
-  batch = next(run.train_batches(config))
+  batch = next(run.train_batches())
   weights = np.ones(batch["weights"].shape, np.float32)
   weights[:, 8:] = 0.0
   half = dict(batch, weights=jax.device_put(weights, batch["weights"].sharding))
