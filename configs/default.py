@@ -27,10 +27,17 @@ def get_config() -> ml_collections.ConfigDict:
   model.init_std = 0.02  # std of the normal init; residual output projections get init_std / sqrt(2 * num_layers)
   model.dtype = "bfloat16"  # compute dtype of activations and matmuls
   model.param_dtype = "float32"  # storage dtype of parameters (and so of the optimizer state)
-  # Attention kernel: "xla" (einsum softmax), "dot_product" (jax.nn.dot_product_attention, left to choose;
-  # jax 0.10 always chooses XLA) or "cudnn" (cuDNN's fused kernel on NVIDIA GPUs, XLA where it cannot run).
-  model.attention = "xla"
+  # Projections (attention, MLP; not the embedding or output layer) in fp8 with per-tensor scales: e4m3 forward,
+  # e5m2 gradients. XLA makes them fp8 matmuls on Hopper GPUs; elsewhere it only costs time.
+  model.fp8_matmuls = False
+  # Attention kernel: "auto" (cuDNN's fused kernel on NVIDIA GPUs, Pallas splash attention on TPUs, XLA elsewhere),
+  # "xla" (einsum softmax), "dot_product" (jax.nn.dot_product_attention, left to choose), "cudnn" (cuDNN, XLA where
+  # it cannot run) or "splash" (the Pallas TPU kernel; interpreted, slowly, off a TPU).
+  model.attention = "auto"
+  model.cudnn_max_documents = 32  # cuDNN: packed documents per row it keeps apart; more are joined into the last
+  model.loss_chunk_len = 128  # the loss computes logits this many positions at a time ([B, T, V] never whole); 0: all
   model.scan_layers = True  # stack the layers on a "layers" axis and run them with nn.scan (fast compiles)
+  model.scan_unroll = 1  # with scan_layers, layers per loop iteration; num_layers: no loop (same parameters)
   model.remat_policy = "none"  # "none", "full", "save_dots" (keep every projection output) or "save_qkv_proj"
 
   config.mesh = mesh = ml_collections.ConfigDict()
@@ -102,6 +109,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.seed = 0  # parameter init and dropout
   train.log_every = 10  # steps between metrics lines
   train.max_bad_steps = 10  # stop after this many steps in a row with NaN / Inf gradients (each is skipped)
+  train.profile_steps = 0  # trace this many steps (from the second on) into tensorboard/ for its profile tab; 0: none
 
   config.eval = evaluation = ml_collections.ConfigDict()
   evaluation.every = 1000  # steps between evaluations on the validation split (and at the end); 0: never

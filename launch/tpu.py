@@ -9,6 +9,11 @@ by themselves (jax.distributed detects TPU VM slices). The workdir must be a dir
 worker sees (a bucket mounted with gcsfuse, or Filestore): that is where checkpoints go, so that
 running the same command again after a preemption resumes the run. --setup runs first on every
 worker, for example to mount that bucket. --dry_run prints each gcloud command and runs none.
+
+Before anything is created, the config is compiled here for the slice's topology
+(`python -m lm.compile`, which needs `pip install -e '.[tpu]'` on this machine): a config that
+does not fit in the chips' memory, or cannot be sharded over them, stops here, with what to
+change. --skip_fit_check skips it.
 """
 
 import argparse
@@ -40,6 +45,15 @@ class Shell:
 
   def output(self, argv: list[str]) -> str:
     return subprocess.run(argv, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def fit_check(args, train_args: list[str]) -> None:
+  """Compiles the training step for the slice on this machine; exits, having created nothing, if it does not fit."""
+  config_args = [arg for arg in train_args if arg.startswith(("--config=", "--config."))]
+  command = [sys.executable, "-m", "lm.compile", *config_args, f"--topology={args.accelerator}"]
+  print("# fit check: " + shlex.join(command), flush=True)
+  if subprocess.run(command).returncode != 0:
+    sys.exit("The fit check above failed, so nothing was created. Change the config, or pass --skip_fit_check.")
 
 
 def gcloud_tpu(args, *command: str) -> list[str]:
@@ -96,13 +110,16 @@ def main() -> None:
   parser.add_argument("--queued", action="store_true", help="Ask through a queued resource, which waits for capacity.")
   parser.add_argument("--setup", default="", help="A shell command run on every worker before installing lm.")
   parser.add_argument("--delete_after", action="store_true", help="Delete the slice when training ends.")
-  parser.add_argument("--dry_run", action="store_true", help="Print the commands; run none.")
+  parser.add_argument("--dry_run", action="store_true", help="Print the commands; run none (the fit check runs).")
+  parser.add_argument("--skip_fit_check", action="store_true", help="Do not compile the config for the slice first.")
   parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the arguments of lm.train.")
   args = parser.parse_args()
   train_args = [arg for arg in args.train_args if arg != "--"]
   if not any(arg.startswith("--config=") for arg in train_args) or not any(arg.startswith("--workdir=") for arg in train_args):
     parser.error("pass --config=... and --workdir=... for lm.train after --")
 
+  if not args.skip_fit_check:
+    fit_check(args, train_args)
   shell = Shell(args.dry_run)
   create(args, shell)
   install(args, shell)

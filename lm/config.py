@@ -108,6 +108,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if model.family == "llama":
     head_dim = model.embed_dim // model.num_heads
     _require(head_dim % 2 == 0, "model.num_heads", f"rotary embeddings need an even head_dim, got {head_dim}")
+  _require(model.scan_unroll >= 1, "model.scan_unroll", f"must be >= 1, got {model.scan_unroll}")
+  _require(model.cudnn_max_documents >= 1, "model.cudnn_max_documents", f"must be >= 1, got {model.cudnn_max_documents}")
+  _require(model.loss_chunk_len >= 0, "model.loss_chunk_len", f"must be >= 0 (0: all positions at once), got {model.loss_chunk_len}")
   _require(0.0 <= model.dropout_rate < 1.0, "model.dropout_rate", f"must be in [0, 1), got {model.dropout_rate}")
 
   _require(
@@ -169,6 +172,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _one_of(kind, NO_WEIGHT_DECAY_KINDS, "optimizer.no_weight_decay")
   _require(train.steps >= 1, "train.steps", f"must be >= 1, got {train.steps}")
   _require(train.log_every >= 1, "train.log_every", f"must be >= 1, got {train.log_every}")
+  _require(train.profile_steps >= 0, "train.profile_steps", f"must be >= 0 (0: no profile), got {train.profile_steps}")
   _require(train.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {train.max_bad_steps}")
 
   _require(config.eval.every >= 0, "eval.every", f"must be >= 0 (0: never), got {config.eval.every}")

@@ -154,3 +154,38 @@ class Throughput:
     if self.peak_flops is not None:
       rates["mfu"] = tokens_per_second * self.flops_per_token / self.peak_flops
     return rates
+
+
+class StepProfiler:
+  """A jax.profiler trace of the steps first ... first + count - 1, written where TensorBoard's profile tab
+  (tensorboard-plugin-profile) finds it: `directory`/plugins/profile/<time>/<host>.xplane.pb."""
+
+  def __init__(self, directory: str, first: int, count: int):
+    self.directory, self.first, self.last = directory, first, first + count - 1
+    self.tracing = False
+
+  def before_step(self, step: int) -> None:
+    """Starts the trace before step `first` is dispatched."""
+    if step == self.first and self.last >= self.first:
+      jax.profiler.start_trace(self.directory)
+      self.tracing = True
+
+  def after_step(self, step: int, outputs) -> None:
+    """Ends the trace once step `last` has finished on the device."""
+    if self.tracing and step >= self.last:
+      jax.block_until_ready(outputs)
+      self.stop()
+
+  def __enter__(self) -> "StepProfiler":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.stop()
+
+  def stop(self) -> None:
+    """Ends the trace if it is running (a run that ends, or stops, before step `last`)."""
+    if self.tracing:
+      jax.profiler.stop_trace()
+      self.tracing = False
+      if jax.process_index() == 0:
+        print(f"Profiled steps {self.first + 1} to {self.last + 1}: open {self.directory} in TensorBoard's profile tab", flush=True)

@@ -25,6 +25,10 @@ BAD_CONFIGS = [
     ({"mesh.dcn_data": 3}, "mesh.dcn_data"),
     ({"model.attention": "flash"}, "model.attention"),
     ({"model.remat_policy": "some"}, "model.remat_policy"),
+    ({"model.scan_unroll": 0}, "model.scan_unroll"),
+    ({"model.cudnn_max_documents": 0}, "model.cudnn_max_documents"),
+    ({"model.loss_chunk_len": -1}, "model.loss_chunk_len"),
+    ({"train.profile_steps": -2}, "train.profile_steps"),
     ({"model.family": "bert"}, "model.family"),
     ({"model.dtype": "float8"}, "model.dtype"),
     ({"data.seq_len": 128}, "data.seq_len"),  # longer than max_seq_len=64

@@ -48,6 +48,16 @@ def packed_rows(tokens_BT1: np.ndarray, eos_id: int) -> Rows:
   }
 
 
+def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh, axis_rules: sharding.Rules) -> dict[str, jax.ShapeDtypeStruct]:
+  """The shapes, dtypes and shardings of a global training batch of `config`'s data, without reading any."""
+  batch_sharding = sharding.logical_sharding(mesh, axis_rules, sharding.BATCH_AXES)
+  shape = (config.data.batch_size, config.data.seq_len)
+  names = ["inputs", "targets", "positions"] + ([] if config.data.source == "synthetic" else ["segment_ids"])
+  batch = {name: jax.ShapeDtypeStruct(shape, np.int32, sharding=batch_sharding) for name in names}
+  batch["weights"] = jax.ShapeDtypeStruct(shape, np.float32, sharding=batch_sharding)
+  return batch
+
+
 def num_windows(builder: tfds.core.DatasetBuilder, split: str, seq_len: int) -> int:
   """How many windows of seq_len + 1 tokens, T apart, the split's token stream holds."""
   return max((builder.info.metadata[f"{split}_tokens"] - 1) // seq_len, 0)

@@ -10,7 +10,10 @@ MAX_STRIDE = 4
 
 
 def rows(seed: int, step: int, global_batch: int, row_indices: np.ndarray, seq_len: int, vocab_size: int) -> dict[str, np.ndarray]:
-  """The rows `row_indices` of the global batch at `step`; a pure function of (seed, step)."""
+  """The rows `row_indices` of the global batch at `step`; a pure function of (seed, step).
+
+  Each row is one document, so the batch has no segment_ids: attention needs no document mask.
+  """
   rng = np.random.default_rng([seed, step])
   starts_B = rng.integers(0, vocab_size, size=global_batch)[row_indices]
   strides_B = rng.integers(1, MAX_STRIDE + 1, size=global_batch)[row_indices]
@@ -20,7 +23,6 @@ def rows(seed: int, step: int, global_batch: int, row_indices: np.ndarray, seq_l
   return {
       "inputs": tokens_BT[:, :-1],
       "targets": tokens_BT[:, 1:],
-      "segment_ids": np.ones((num_rows, seq_len), np.int32),
       "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (num_rows, seq_len)).copy(),
       "weights": np.ones((num_rows, seq_len), np.float32),
   }

@@ -1,14 +1,23 @@
 """Causal self-attention (multi-head or grouped-query) with a choice of kernel.
 
+Every kernel takes (q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS, q_start) and
+returns [B, T, N, H]. Segment ids number the packed documents of a row (None: one document per
+row); q_start is where the queries sit in the keys when decoding into a KV cache (None: training,
+queries and keys are the same positions).
+
 Shape letters: B batch, T query length, S key length, N query heads, K key/value heads,
-G = N // K query heads per key/value head, H head dim, D embed dim.
+G = N // K query heads per key/value head, H head dim, D embed dim, M documents per row.
 """
+
+import functools
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from absl import logging
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lm.models import layers
 
@@ -27,6 +36,8 @@ def attention_mask(q_segment_ids_BT: jax.Array, kv_segment_ids_BS: jax.Array, q_
 def xla_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS, q_start=None) -> jax.Array:
   """Plain einsum attention; softmax in float32. Returns [B, T, N, H]."""
   batch, length, num_heads, head_dim = q_BTNH.shape
+  if q_segment_ids_BT is None:  # one document per row
+    q_segment_ids_BT, kv_segment_ids_BS = jnp.ones((batch, length), jnp.int32), jnp.ones(k_BSKH.shape[:2], jnp.int32)
   num_kv_heads = k_BSKH.shape[2]
   q_BTKGH = q_BTNH.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
   scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
@@ -39,10 +50,24 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS, q
   return out_BTKGH.reshape(batch, length, num_heads, head_dim)
 
 
+def current_platform() -> str:
+  """The platform being compiled for: that of the active mesh's devices (so compiling ahead of time for a
+  TPU topology on a CPU host says "tpu"), else of the default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.abstract_device is not None:
+    return mesh.abstract_device.platform
+  return jax.devices()[0].platform
+
+
 def dot_product_attention(
     q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS, q_start=None, implementation=None
 ) -> jax.Array:
-  """jax.nn.dot_product_attention with the given implementation (None: jax chooses; jax 0.10 chooses XLA). Returns [B, T, N, H]."""
+  """jax.nn.dot_product_attention with the given implementation (None: jax chooses; jax 0.10 chooses XLA). Returns [B, T, N, H].
+
+  Segment ids of None mean one document per row: causal masking alone, no mask array.
+  """
+  if q_start is None and q_segment_ids_BT is None:
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True, implementation=implementation)
   if q_start is None:  # training: the kernel's own causal masking, which lets it skip masked blocks
     mask_B1TS, causal = (q_segment_ids_BT[:, :, None] == kv_segment_ids_BS[:, None, :])[:, None], True
   else:
@@ -52,12 +77,53 @@ def dot_product_attention(
   )
 
 
-def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS, q_start=None) -> jax.Array:
+def packed_segments(segment_ids_BT: jax.Array, max_documents: int) -> tuple[jax.Array, jax.Array]:
+  """Packed documents as cuDNN takes them: (lengths [B, M], offsets [B, M + 1]), M = max_documents.
+
+  Document m of a row starts at offsets[b, m] and is lengths[b, m] tokens long; unused entries are
+  -1. A row with more than M documents has its last ones joined into its M-th, which then attend
+  to each other as in an unpacked row.
+  """
+  batch, length = segment_ids_BT.shape
+  starts_BT = jnp.concatenate(
+      [jnp.ones((batch, 1), bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1
+  )
+  document_BT = jnp.minimum(jnp.cumsum(starts_BT, axis=1) - 1, max_documents - 1)  # 0-based, capped
+  one_hot_BTM = document_BT[:, :, None] == jnp.arange(max_documents)
+  lengths_BM = jnp.sum(one_hot_BTM, axis=1, dtype=jnp.int32)
+  used_BM = lengths_BM > 0
+  starts_BM = jnp.cumsum(lengths_BM, axis=1, dtype=jnp.int32) - lengths_BM
+  lengths_BM = jnp.where(used_BM, lengths_BM, -1)
+  offsets_BM = jnp.where(used_BM, starts_BM, -1)
+  offsets_BM1 = jnp.concatenate([offsets_BM, jnp.full((batch, 1), -1, jnp.int32)], axis=1)
+  return lengths_BM, offsets_BM1
+
+
+def _cudnn_packed_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, max_documents: int) -> jax.Array:
+  """cuDNN's fused attention over packed documents, given as lengths and offsets rather than a [B, T, S] mask."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn  # jax's public API takes only one length per row
+
+  lengths_BM, offsets_BM1 = packed_segments(segment_ids_BT, max_documents)
+  return cudnn.dot_product_attention(
+      q_BTNH, k_BSKH, v_BSKH, q_seqlen=lengths_BM, kv_seqlen=lengths_BM, q_offsets=offsets_BM1, kv_offsets=offsets_BM1,
+      scale=q_BTNH.shape[-1] ** -0.5, mask_type=cudnn.MaskType.PADDING_CAUSAL,
+  )  # fmt: skip
+
+
+def cudnn_attention(
+    q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS, q_start=None, max_documents: int = 32
+) -> jax.Array:
   """cuDNN's fused attention, asked for explicitly; where cuDNN cannot run it (no NVIDIA GPU, or a
-  shape or dtype it does not take), the XLA implementation of the same function, with one warning."""
+  shape or dtype it does not take), the XLA implementation of the same function, with one warning.
+
+  Training on packed rows passes cuDNN each document's offset and length (up to `max_documents`
+  per row), never a dense mask; decoding into a KV cache passes the [B, T, S] mask.
+  """
   args = (q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS, q_start)
-  if jax.devices()[0].platform == "gpu":
+  if current_platform() == "gpu":
     try:
+      if q_start is None and q_segment_ids_BT is not None:
+        return _cudnn_packed_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, max_documents)
       return dot_product_attention(*args, implementation="cudnn")
     except (ValueError, NotImplementedError, RuntimeError) as error:  # raised while tracing: nothing ran yet
       logging.log_first_n(logging.WARNING, f"cuDNN attention is not available here ({error}); using the XLA implementation", 1)
@@ -66,7 +132,104 @@ def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS,
   return dot_product_attention(*args, implementation="xla")
 
 
-KERNELS = {"xla": xla_attention, "dot_product": dot_product_attention, "cudnn": cudnn_attention}
+def _splash_block(length: int) -> int | None:
+  """The kernel's tile along a sequence of `length`: the largest of 512, 256, 128 that divides it, if any
+  (the kernel works on whole 128-lane vectors, interpreted or not)."""
+  for block in (512, 256, 128):
+    if length % block == 0:
+      return block
+  return None
+
+
+def _splash_kernel(q_length, kv_length, num_heads, head_shards, q_shards, block_q, block_kv, interpret):
+  """A splash attention kernel for causal masking on [N, T, H] inputs, its mask split into shards."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
+  mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((q_length, kv_length))] * num_heads)
+  blocks = splash.BlockSizes(
+      block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
+      block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
+      block_q_dq=block_q, block_kv_dq=block_kv,
+  )  # fmt: skip
+  # Built anew in each trace: its block tables become constants of the trace that asks.
+  return splash.make_splash_mha(mask, block_sizes=blocks, head_shards=head_shards, q_seq_shards=q_shards, interpret=interpret)
+
+
+def _mesh_axes(logical_name: str | None) -> tuple[str, ...]:
+  """The mesh axes the current rules map a logical activation axis to."""
+  if logical_name is None:
+    return ()
+  (axes,) = nn.logical_to_mesh_axes((logical_name,))
+  return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
+def splash_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS, q_start=None) -> jax.Array:
+  """Pallas splash attention (jax.experimental.pallas.ops.tpu), causal within packed documents.
+
+  On a TPU it runs as a Mosaic kernel, elsewhere interpreted (slowly: for tests). Over a mesh, each
+  device runs it on its rows, heads and query positions (shard_map), with the keys gathered along
+  the sequence axis. Decoding into a KV cache, and lengths a TPU cannot tile, use XLA.
+  """
+  interpret = current_platform() != "tpu"
+  batch, length, num_heads, head_dim = q_BTNH.shape
+  mesh = jax.sharding.get_abstract_mesh()
+  batch_axes, length_axes, heads_axes = (
+      _mesh_axes(name) if not mesh.empty else () for name in ("activation_batch", "activation_length", "activation_heads")
+  )
+  head_shards = math.prod(mesh.shape[axis] for axis in heads_axes)
+  q_shards = math.prod(mesh.shape[axis] for axis in length_axes)
+  block_q, block_kv = _splash_block(length // q_shards), _splash_block(k_BSKH.shape[1])
+  if q_start is not None or block_q is None or block_kv is None:
+    if q_start is None:
+      logging.log_first_n(logging.WARNING, f"splash attention needs lengths of whole 128-token tiles per device, not {length}; using XLA", 1)
+    return xla_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS, q_start)
+  if q_segment_ids_BT is None:  # one document per row
+    q_segment_ids_BT = kv_segment_ids_BS = jnp.ones((batch, length), jnp.int32)
+
+  kernel = _splash_kernel(length, k_BSKH.shape[1], num_heads, head_shards, q_shards, block_q, block_kv, interpret)
+
+  def per_device(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS, kernel):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+
+    # The kernel takes one row of [heads, length, head_dim]: map it over the rows.
+    q_BNTH, k_BKSH, v_BKSH = (jnp.swapaxes(x, 1, 2) for x in (q_BTNH, k_BSKH, v_BSKH))
+    segment_ids = splash.SegmentIds(q=q_segment_ids_BT, kv=kv_segment_ids_BS)
+    out_BNTH = jax.vmap(kernel)(q_BNTH * head_dim**-0.5, k_BKSH, v_BKSH, segment_ids=segment_ids)
+    return jnp.swapaxes(out_BNTH, 1, 2)
+
+  if mesh.empty:
+    return per_device(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS, kernel)
+  batch_spec, length_spec, heads_spec = (axes or None for axes in (batch_axes, length_axes, heads_axes))
+  q_spec, kv_spec = P(batch_spec, length_spec, heads_spec, None), P(batch_spec, None, heads_spec, None)
+  kernel_spec = kernel.manual_sharding_spec(NamedSharding(mesh, P(heads_spec, length_spec)))
+  sharded = jax.shard_map(
+      per_device,
+      mesh=mesh,
+      in_specs=(q_spec, kv_spec, kv_spec, P(batch_spec, length_spec), P(batch_spec, None), kernel_spec),
+      out_specs=q_spec,
+      check_vma=False,
+  )
+  return sharded(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS, kernel)
+
+
+def auto_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS, q_start=None, **options) -> jax.Array:
+  """The platform's fast kernel: cuDNN on NVIDIA GPUs, splash on TPUs, XLA elsewhere."""
+  platform = current_platform()
+  if platform == "gpu":
+    return cudnn_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS, q_start, **options)
+  if platform == "tpu":
+    return splash_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS, q_start)
+  return xla_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS, q_start)
+
+
+KERNELS = {
+    "auto": auto_attention,
+    "xla": xla_attention,
+    "dot_product": dot_product_attention,
+    "cudnn": cudnn_attention,
+    "splash": splash_attention,
+}
 
 
 class Attention(nn.Module):
@@ -106,7 +269,10 @@ class Attention(nn.Module):
       self.variable("cache", "cached_segment_ids", jnp.zeros, segment_ids_BT.shape, jnp.int32)  # 0: empty slot
       self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
 
-    out_BTNH = KERNELS[cfg.attention](q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, kv_segment_ids_BS, q_start)
+    kernel = KERNELS[cfg.attention]
+    if cfg.attention in ("auto", "cudnn"):
+      kernel = functools.partial(kernel, max_documents=cfg.cudnn_max_documents)
+    out_BTNH = kernel(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, kv_segment_ids_BS, q_start)
 
     out_BTD = layers.Projection(cfg, (cfg.embed_dim,), ("heads", "head_dim", "embed"), residual=True, name="out")(out_BTNH)
     return checkpoint_name(out_BTD, "out_proj")

@@ -48,7 +48,11 @@ class Projection(nn.Module):
         jnp.dtype(cfg.param_dtype),
     )
     compute_dtype = jnp.dtype(cfg.dtype)
-    y = jnp.tensordot(x.astype(compute_dtype), kernel.astype(compute_dtype), axes=num_contracted)
+    x, kernel = x.astype(compute_dtype), kernel.astype(compute_dtype)
+    if cfg.fp8_matmuls:
+      y = fp8_gradient(jnp.tensordot(fp8_forward(x), fp8_forward(kernel), axes=num_contracted))
+    else:
+      y = jnp.tensordot(x, kernel, axes=num_contracted)
     if self.bias and cfg.family == "gpt2":
       bias = self.param(
           "bias",
@@ -58,6 +62,34 @@ class Projection(nn.Module):
       )
       y = y + bias.astype(compute_dtype)
     return y
+
+
+def quantize_dequantize(x: jax.Array, fp8_dtype) -> jax.Array:
+  """x rounded to `fp8_dtype` under a per-tensor scale (its largest magnitude maps to the format's largest
+  value), returned in x's dtype. XLA on Hopper turns a product of such values into an fp8 matmul."""
+  largest = float(jnp.finfo(fp8_dtype).max)
+  amax = jax.lax.stop_gradient(jnp.max(jnp.abs(x)).astype(jnp.float32))
+  scale = jnp.maximum(amax, jnp.finfo(jnp.float32).tiny) / largest
+  quantized = jnp.clip(x.astype(jnp.float32) / scale, -largest, largest).astype(fp8_dtype)
+  return quantized.astype(x.dtype) * scale.astype(x.dtype)
+
+
+@jax.custom_vjp
+def fp8_forward(x: jax.Array) -> jax.Array:
+  """Activations and weights in the forward pass: e4m3 (more precision), gradient passed straight through."""
+  return quantize_dequantize(x, jnp.float8_e4m3fn)
+
+
+fp8_forward.defvjp(lambda x: (fp8_forward(x), None), lambda _, g: (g,))
+
+
+@jax.custom_vjp
+def fp8_gradient(y: jax.Array) -> jax.Array:
+  """Identity forward; the gradient arriving at a matmul's output in e5m2 (more range), as Transformer Engine does."""
+  return y
+
+
+fp8_gradient.defvjp(lambda y: (y, None), lambda _, g: (quantize_dequantize(g, jnp.float8_e5m2),))
 
 
 def embedding(cfg: ModelConfig, num_embeddings: int, row_axis: str | None, name: str) -> nn.Embed:

@@ -58,9 +58,12 @@ class Transformer(nn.Module):
       positions_BT: jax.Array,
       deterministic: bool = True,
       decode: bool = False,
+      hidden_only: bool = False,
   ) -> jax.Array:
-    """Returns logits_BTV in the compute dtype.
+    """Returns logits_BTV in the compute dtype; with `hidden_only`, the final normalized activations
+    x_BTD instead, for a loss that applies `output_logits` a few positions at a time.
 
+    segment_ids_BT numbers the packed documents of each row; None means one document per row.
     With `decode`, attention appends to and reads from a KV cache (mutable collection "cache").
     """
     cfg = self.cfg
@@ -82,6 +85,7 @@ class Transformer(nn.Module):
           split_rngs={"params": True, "dropout": True},
           in_axes=(nn.broadcast, nn.broadcast),
           length=cfg.num_layers,
+          unroll=cfg.scan_unroll,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )
       x_BTD, _ = stack(cfg, deterministic, decode, name="layers")(x_BTD, segment_ids_BT, positions_BT)
@@ -90,11 +94,30 @@ class Transformer(nn.Module):
         x_BTD, _ = block(cfg, deterministic, decode, name=f"layers_{i}")(x_BTD, segment_ids_BT, positions_BT)
 
     x_BTD = layers.norm(cfg, "final_norm")(x_BTD)
+    if hidden_only and not self.is_initializing():
+      return x_BTD
     if cfg.tie_embeddings:
       logits_BTV = token_embed.attend(x_BTD)
     else:
       logits_BTV = layers.Projection(cfg, (cfg.vocab_size,), ("embed", "vocab"), bias=False, name="lm_head")(x_BTD)
     return layers.constrain(logits_BTV, ("activation_batch", "activation_length", "activation_vocab"))
+
+
+def output_logits(params: dict, cfg: layers.ModelConfig, x_BTD: jax.Array) -> jax.Array:
+  """The Transformer's output layer applied to `hidden_only` activations: logits_BTV in float32.
+
+  The same products as the module's own head (tied embedding or lm_head, in the compute dtype),
+  accumulated and returned in float32.
+  """
+  dtype = jnp.dtype(cfg.dtype)
+  x_BTD = x_BTD.astype(dtype)
+  if cfg.tie_embeddings:
+    embedding_VD = params["token_embed"]["embedding"].astype(dtype)
+    logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embedding_VD, preferred_element_type=jnp.float32)
+  else:
+    kernel_DV = params["lm_head"]["kernel"].astype(dtype)
+    logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, kernel_DV, preferred_element_type=jnp.float32)
+  return layers.constrain(logits_BTV, ("activation_batch", "activation_length", "activation_vocab"))
 
 
 def stack_layers(params: dict, num_layers: int) -> dict:

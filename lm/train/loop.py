@@ -60,16 +60,19 @@ class TrainSetup:
     return {f"eval_{name}": value for name, value in result.items() if name != "tokens"}
 
 
-def setup(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> TrainSetup:
+def setup(
+    config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None, prepare_data: bool = True
+) -> TrainSetup:
   """Checks the config, prepares the data, then builds the mesh (over `devices`, default all), model, state and step.
 
-  A model.vocab_size of 0 becomes the tokenizer's vocabulary (with synthetic data, the
-  data.tokenizer_vocab_size a tokenizer would have), rounded up to model.vocab_multiple.
+  A model.vocab_size of 0 becomes the tokenizer's vocabulary (with synthetic data, or without
+  `prepare_data`, the data.tokenizer_vocab_size a tokenizer would have at most), rounded up to
+  model.vocab_multiple.
   """
   devices = list(jax.devices() if devices is None else devices)
   config_lib.validate(config, len(devices))
   tokenizer, dataset = None, None
-  if config.data.source != "synthetic":
+  if prepare_data and config.data.source != "synthetic":
     tokenizer, dataset = tfds_builder.prepare(config.data)
     if config.model.vocab_size and config.model.vocab_size < tokenizer.vocab_size:
       raise config_lib.ConfigError(
@@ -171,6 +174,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
       jax.device_count(),
   )
   throughput.reset(start_step)
+  # Steps are numbered from 0 here; the first one compiles, so the trace starts at the next.
+  profiler = metrics_lib.StepProfiler(os.path.join(workdir, "tensorboard"), start_step + 1, config.train.profile_steps)
   started = time.perf_counter()
 
   def save(step: int) -> None:
@@ -201,9 +206,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
   # queued while the host waits on them; a step that is checkpointed is settled at once, so its
   # metrics row is on disk before its checkpoint can be.
   previous = None  # (step number, device metrics) of the step not settled yet
-  with checkpoint.PreemptionWatcher(checkpoints) as preemption:
+  with checkpoint.PreemptionWatcher(checkpoints) as preemption, profiler:
     for step in range(start_step, config.train.steps):
+      profiler.before_step(step)
       state, step_metrics = run.train_step(state, next(batches), jax.random.fold_in(step_rng, step))
+      profiler.after_step(step, step_metrics)
       if previous is not None:
         settle(*previous)
       done = step + 1

@@ -12,18 +12,51 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from lm import sharding
+from lm.models import transformer
 from lm.train import optimizer
 from lm.train.state import TrainState
 
-Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions [B, T] int32; weights [B, T] float32
+# inputs, targets, positions [B, T] int32; weights [B, T] float32; segment_ids [B, T] int32 numbering the
+# packed documents of each row, absent when every row is one document (synthetic data).
+Batch = dict[str, jax.Array]
 
 
-def token_losses(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Per-token cross-entropy and log partition function log(Z), both [B, T] float32."""
-  logits_BTV = logits_BTV.astype(jnp.float32)
-  log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-  target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-  return log_z_BT - target_logit_BT, log_z_BT
+def _chunk_length(length: int, chunk_len: int) -> int:
+  """The largest divisor of `length` that is at most `chunk_len` (0: the whole length)."""
+  if chunk_len <= 0 or chunk_len >= length:
+    return length
+  return max(size for size in range(1, chunk_len + 1) if length % size == 0)
+
+
+def token_losses(params, model_config, hidden_BTD: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-token cross-entropy and log partition function log(Z), both [B, T] float32.
+
+  The logits are computed model.loss_chunk_len positions at a time and recomputed in the backward
+  pass, so the [B, T, V] float32 logits never exist whole: memory holds one [B, C, V] chunk. With one
+  chunk (loss_chunk_len 0, or at least T), they are computed whole and kept.
+  Chunk c takes positions c, c + n, c + 2n, ... (n chunks), so a device that holds a block of the
+  sequence holds a share of every chunk.
+  """
+  batch, length, embed_dim = hidden_BTD.shape
+  chunk = _chunk_length(length, model_config.loss_chunk_len)
+  num_chunks = length // chunk
+
+  def chunk_losses(carry, chunk_inputs):
+    hidden_BCD, targets_BC = chunk_inputs
+    logits_BCV = transformer.output_logits(params, model_config, hidden_BCD)
+    log_z_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
+    target_logit_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
+    return carry, (log_z_BC - target_logit_BC, log_z_BC)
+
+  if num_chunks == 1:  # all positions at once: the logits are kept for the backward pass
+    _, (cross_entropy_BT, log_z_BT) = chunk_losses(None, (hidden_BTD, targets_BT))
+    return cross_entropy_BT, log_z_BT
+  hidden_NBCD = hidden_BTD.reshape(batch, chunk, num_chunks, embed_dim).transpose(2, 0, 1, 3)
+  targets_NBC = targets_BT.reshape(batch, chunk, num_chunks).transpose(2, 0, 1)
+  _, (cross_entropy_NBC, log_z_NBC) = jax.lax.scan(jax.checkpoint(chunk_losses), None, (hidden_NBCD, targets_NBC))
+  cross_entropy_BT = cross_entropy_NBC.transpose(1, 2, 0).reshape(batch, length)
+  log_z_BT = log_z_NBC.transpose(1, 2, 0).reshape(batch, length)
+  return cross_entropy_BT, log_z_BT
 
 
 def loss_sums(
@@ -33,15 +66,16 @@ def loss_sums(
 
   Sums rather than means, so microbatches add up to exactly the full batch's totals.
   """
-  logits_BTV = model.apply(
+  hidden_BTD = model.apply(
       {"params": params},
       batch["inputs"],
-      batch["segment_ids"],
+      batch.get("segment_ids"),
       batch["positions"],
       deterministic=False,
+      hidden_only=True,
       rngs={"dropout": rng},
   )
-  cross_entropy_BT, log_z_BT = token_losses(logits_BTV, batch["targets"])
+  cross_entropy_BT, log_z_BT = token_losses(params, model.cfg, hidden_BTD, batch["targets"])
   weights_BT = batch["weights"]
   objective = jnp.sum((cross_entropy_BT + z_loss_weight * log_z_BT**2) * weights_BT)
   return objective, (jnp.sum(cross_entropy_BT * weights_BT), jnp.sum(weights_BT))
@@ -103,8 +137,10 @@ def train_step(
 
 def eval_step(params, batch: Batch, byte_lengths_V: jax.Array, *, model: nn.Module) -> dict[str, jax.Array]:
   """Sums over a batch: weighted cross-entropy (nats), tokens, and the UTF-8 bytes of text they stand for."""
-  logits_BTV = model.apply({"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"])
-  cross_entropy_BT, _ = token_losses(logits_BTV, batch["targets"])
+  hidden_BTD = model.apply(
+      {"params": params}, batch["inputs"], batch.get("segment_ids"), batch["positions"], hidden_only=True
+  )
+  cross_entropy_BT, _ = token_losses(params, model.cfg, hidden_BTD, batch["targets"])
   weights_BT = batch["weights"]
   return {
       "loss_sum": jnp.sum(cross_entropy_BT * weights_BT),

@@ -1,22 +1,30 @@
-"""launch/tpu.py --dry_run: the gcloud commands it would run, overrides quoted so they arrive intact."""
+"""launch/tpu.py --dry_run: the fit check first, then the gcloud commands it would run, overrides quoted
+so they arrive intact."""
 
+import json
 import os
 import shlex
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OVERRIDES = ["--config.data.source=text:/data/my corpus", "--config.optimizer.no_weight_decay=('norm',)", "--config.x=$HOME;rm"]
 
 
-def _dry_run(*flags: str) -> list[list[str]]:
-  """Each printed command, split the way a shell would."""
-  result = subprocess.run(
+def _launch(*flags: str, train_args=("--config=configs/llama_1b.py", "--workdir=/mnt/shared/run", *OVERRIDES)):
+  return subprocess.run(
       [sys.executable, "launch/tpu.py", "--name=lm-test", "--project=my-project", "--zone=us-west4-a",
-       "--accelerator=v5litepod-16", "--runtime=v2-alpha-tpuv5-lite", *flags, "--dry_run", "--",
-       "--config=configs/llama_1b.py", "--workdir=/mnt/shared/run", *OVERRIDES],
-      cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
+       "--accelerator=v5litepod-16", "--runtime=v2-alpha-tpuv5-lite", *flags, "--dry_run", "--", *train_args],
+      cwd=REPO, capture_output=True, text=True, timeout=600,
   )  # fmt: skip
+
+
+def _dry_run(*flags: str) -> list[list[str]]:
+  """Each printed gcloud command, split the way a shell would (OVERRIDES are no config, so no fit check)."""
+  result = _launch("--skip_fit_check", *flags)
+  assert result.returncode == 0, result.stderr
   return [shlex.split(line, comments=True) for line in result.stdout.strip().splitlines()]
 
 
@@ -64,3 +72,30 @@ def test_missing_training_arguments_are_an_error():
        "--dry_run"], cwd=REPO, capture_output=True, text=True, timeout=60,
   )  # fmt: skip
   assert result.returncode != 0 and "pass --config=... and --workdir=..." in result.stderr
+
+
+# A small model that compiles in seconds; 8192 wide, its replicated float32 AdamW state (34 GB) fits no v5e chip.
+SMALL = ["--config=configs/quickstart.py", "--config.data.source=synthetic", "--config.model.vocab_size=1024",
+         "--config.model.num_layers=2"]  # fmt: skip
+WIDE = ["--config.model.embed_dim=8192", "--config.model.mlp_dim=32768", "--config.model.num_heads=64",
+        "--config.model.num_kv_heads=8"]  # fmt: skip
+
+
+def test_fit_check_runs_before_anything_is_created():
+  pytest.importorskip("libtpu", reason="the fit check compiles for a TPU: pip install -e '.[tpu]'")
+  result = _launch(train_args=[*SMALL, "--workdir=/mnt/shared/run"])
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.strip().splitlines()
+  check = next(index for index, line in enumerate(lines) if line.startswith("# fit check:"))
+  assert "--topology=v5litepod-16" in lines[check] and "--workdir" not in lines[check]
+  assert json.loads(next(line for line in lines if line.startswith("{")))["fits"]
+  first_gcloud = next(index for index, line in enumerate(lines) if line.startswith("gcloud"))
+  assert check < first_gcloud
+
+
+def test_a_config_that_does_not_fit_stops_before_any_gcloud_command():
+  pytest.importorskip("libtpu", reason="the fit check compiles for a TPU: pip install -e '.[tpu]'")
+  result = _launch(train_args=[*SMALL, *WIDE, "--workdir=/mnt/shared/run"])
+  assert result.returncode != 0
+  assert not any(line.startswith("gcloud") for line in result.stdout.splitlines())
+  assert "error: does not fit" in result.stderr and "nothing was created" in result.stderr

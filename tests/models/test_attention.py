@@ -1,5 +1,7 @@
 """Attention kernels: packed documents stay apart, kernels agree, GQA is MHA with shared heads."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 
 from lm.models import attention
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 B, T, N, K, H = 2, 12, 4, 2, 8
 
 
@@ -92,11 +95,100 @@ def test_queries_at_an_offset_match_the_same_rows_of_full_attention(kernel):
   np.testing.assert_allclose(tail, full[:, start:], atol=1e-5)
 
 
-def test_cudnn_kernel_falls_back_to_the_same_numbers_without_a_gpu():
+@pytest.mark.parametrize("kernel", ["cudnn", "auto"])
+def test_gpu_kernels_are_xla_on_a_cpu(kernel):
   q, k, v = _qkv(5)
   segment_ids = jnp.array([[1] * 5 + [2] * 7, [1] * T])
   np.testing.assert_allclose(
-      attention.cudnn_attention(q, k, v, segment_ids, segment_ids),
+      attention.KERNELS[kernel](q, k, v, segment_ids, segment_ids),
       attention.xla_attention(q, k, v, segment_ids, segment_ids),
       atol=1e-5,
   )
+
+
+# Splash attention tiles sequences by 128 tokens: these inputs are long enough for it to run.
+SPLASH_T = 256
+SPLASH_SEGMENT_IDS = jnp.array([[1] * 100 + [2] * 156, [1] * 30 + [2] * 200 + [3] * 26], jnp.int32)
+
+
+def _splash_inputs(seed=0, length=SPLASH_T, head_dim=64):
+  kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+  return (
+      jax.random.normal(kq, (B, length, N, head_dim)),
+      jax.random.normal(kk, (B, length, K, head_dim)),
+      jax.random.normal(kv, (B, length, K, head_dim)),
+  )
+
+
+def _output_and_gradients(kernel, q, k, v, segment_ids):
+  """The kernel's output and the gradients of a weighted sum of it with respect to q, k and v."""
+  cotangent = jax.random.normal(jax.random.key(9), q.shape)
+
+  def weighted_sum(q, k, v):
+    out = kernel(q, k, v, segment_ids, segment_ids)
+    return jnp.sum(out * cotangent), out
+
+  (_, out), grads = jax.jit(jax.value_and_grad(weighted_sum, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  return out, grads
+
+
+def _assert_close_to_xla(kernel, q, k, v, segment_ids):
+  out, grads = _output_and_gradients(kernel, q, k, v, segment_ids)
+  expected_out, expected_grads = _output_and_gradients(attention.xla_attention, q, k, v, segment_ids)
+  np.testing.assert_allclose(out, expected_out, atol=1e-5)
+  for name, got, expected in zip("qkv", grads, expected_grads):
+    # Gradients sum over up to 256 positions; compare relative to their scale.
+    np.testing.assert_allclose(got, expected, atol=1e-5 * float(jnp.max(jnp.abs(expected))), err_msg=f"d{name}")
+
+
+def test_splash_kernel_equals_xla_forward_and_backward_with_packed_documents():
+  _assert_close_to_xla(attention.splash_attention, *_splash_inputs(), SPLASH_SEGMENT_IDS)
+
+
+def test_splash_kernel_over_a_mesh_equals_one_device():
+  """Rows, heads and query positions split over data x tensor x sequence (shard_map): the same numbers."""
+  from lm import sharding
+  from lm.config import load_config_file
+
+  config = load_config_file(os.path.join(REPO, "configs", "default.py"))
+  config.mesh.update(data=2, tensor=2, sequence=2)
+  mesh = sharding.make_mesh(config.mesh)
+  with sharding.activate(mesh, sharding.rules(config.mesh)):
+    _assert_close_to_xla(attention.splash_attention, *_splash_inputs(1), SPLASH_SEGMENT_IDS)
+
+
+def test_splash_kernel_without_segment_ids_is_causal_attention():
+  q, k, v = _splash_inputs(2)
+  np.testing.assert_allclose(
+      attention.splash_attention(q, k, v, None, None),
+      attention.xla_attention(q, k, v, jnp.ones((B, SPLASH_T), jnp.int32), jnp.ones((B, SPLASH_T), jnp.int32)),
+      atol=1e-5,
+  )
+
+
+def _segment_ids_from_packing(lengths_BM, offsets_BM1, length):
+  """Rebuilds [B, T] document numbers from cuDNN's lengths and offsets (-1 where no document)."""
+  segment_ids = np.full((lengths_BM.shape[0], length), -1)
+  for row, (lengths, offsets) in enumerate(zip(np.asarray(lengths_BM), np.asarray(offsets_BM1))):
+    for document, (size, start) in enumerate(zip(lengths, offsets)):
+      if size >= 0:
+        segment_ids[row, start : start + size] = document
+  return segment_ids
+
+
+@pytest.mark.parametrize("max_documents", [1, 3, 8])
+def test_packed_segments_give_cudnn_each_document(max_documents):
+  segment_ids = jnp.array([
+      [1, 1, 1, 2, 2, 3, 3, 3, 3, 3, 3, 3],  # three documents
+      [5] * 12,  # one
+      [1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9, 9],  # nine
+      [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],  # padding is a document of its own
+  ])  # fmt: skip
+  lengths, offsets = attention.packed_segments(segment_ids, max_documents)
+  assert lengths.shape == (4, max_documents) and offsets.shape == (4, max_documents + 1)
+  rebuilt = _segment_ids_from_packing(lengths, offsets, T)
+  for row in range(4):
+    starts = np.flatnonzero(np.diff(np.asarray(segment_ids[row]), prepend=-1))
+    expected = np.minimum(np.searchsorted(starts, np.arange(T), side="right") - 1, max_documents - 1)
+    np.testing.assert_array_equal(rebuilt[row], expected)  # every token covered, past the cap in the last
+  assert np.all(np.asarray(offsets)[:, -1] == -1)

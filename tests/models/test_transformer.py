@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from lm.models import Transformer, transformer
+from lm.models import Transformer, layers, transformer
 
 FAMILIES = ("llama", "gpt2")
 
@@ -43,6 +43,23 @@ def test_scan_layers_on_and_off_give_the_same_logits(tiny_config, family):
   logits = _apply(unscanned, params, *inputs)
   scanned_logits = _apply(_model(config, scan_layers=True), scanned_params, *inputs)
   np.testing.assert_allclose(logits, scanned_logits, atol=1e-5)
+
+
+def test_unrolled_scan_gives_the_same_logits_and_gradients(tiny_config):
+  config = tiny_config("llama", {"model.num_layers": 3})
+  inputs = _inputs()
+  looped = _model(config, scan_unroll=1)
+  params = _init(looped, inputs)
+
+  def loss(model, params):
+    return jnp.mean(model.apply({"params": params}, *inputs) ** 2)
+
+  loss_and_grads = jax.jit(jax.value_and_grad(loss, argnums=1), static_argnums=0)
+  expected_loss, expected_grads = loss_and_grads(looped, params)
+  for unroll in (2, 3):
+    got_loss, got_grads = loss_and_grads(_model(config, scan_unroll=unroll), params)
+    np.testing.assert_allclose(got_loss, expected_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got_grads, expected_grads)
 
 
 @pytest.mark.parametrize("scan_layers", [True, False])
@@ -125,3 +142,40 @@ def test_parameters_carry_logical_axis_names(tiny_config):
 def test_parameter_count(tiny_config, family, expected_params):
   params = _init(_model(tiny_config(family)), _inputs())
   assert sum(p.size for p in jax.tree.leaves(params)) == expected_params
+
+
+def test_fp8_rounds_to_the_format_under_a_per_tensor_scale():
+  x = jax.random.normal(jax.random.key(0), (64, 32)) * 7.0
+  for fp8_dtype in (jnp.float8_e4m3fn, jnp.float8_e5m2):
+    rounded = layers.quantize_dequantize(x, fp8_dtype)
+    scale = float(jnp.max(jnp.abs(x))) / float(jnp.finfo(fp8_dtype).max)
+    in_format = np.asarray(rounded / scale)
+    # Representable in the format, up to the float32 rounding of the division.
+    np.testing.assert_allclose(in_format.astype(fp8_dtype).astype(np.float32), in_format, rtol=1e-6)
+    assert not np.array_equal(rounded, x)
+    mantissa_bits = jnp.finfo(fp8_dtype).nmant
+    np.testing.assert_allclose(rounded, x, rtol=2.0**-mantissa_bits, atol=scale * 2.0**-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fp8_matmuls_stay_close_to_bfloat16(tiny_config, family):
+  """Loss within 0.1% and gradients pointing the same way (cosine > 0.99): e4m3 forward, e5m2 gradients."""
+  from lm.train import step as step_lib
+
+  config = tiny_config(family, {"model.dtype": "bfloat16", "model.embed_dim": 128, "model.mlp_dim": 512})
+  tokens, _, positions = _inputs(batch=4, length=64)
+  batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1), "positions": positions, "weights": jnp.ones((4, 64))}
+  params = _init(_model(config), (tokens, None, positions))
+
+  def loss_and_grads(fp8):
+    model = _model(config, fp8_matmuls=fp8)
+    loss = lambda params: step_lib.loss_sums(params, model, batch, jax.random.key(0), 0.0)[0] / tokens.size
+    loss_value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    return float(loss_value), np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
+
+  bf16_loss, bf16_grads = loss_and_grads(False)
+  fp8_loss, fp8_grads = loss_and_grads(True)
+  assert fp8_loss != bf16_loss  # the fp8 path is taken
+  assert abs(fp8_loss - bf16_loss) < 1e-3 * bf16_loss
+  cosine = fp8_grads @ bf16_grads / np.linalg.norm(fp8_grads) / np.linalg.norm(bf16_grads)
+  assert cosine > 0.99

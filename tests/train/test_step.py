@@ -1,22 +1,76 @@
 """The training step: loss arithmetic, gradient accumulation, and equal numbers on every mesh."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 
+from lm.models import Transformer
 from lm.train import loop, step as step_lib
 
 
-def test_token_losses_match_optax_and_hand_computed_z():
-  logits = jax.random.normal(jax.random.key(0), (2, 3, 11)) * 3
-  targets = jax.random.randint(jax.random.key(1), (2, 3), 0, 11)
-  cross_entropy, log_z = step_lib.token_losses(logits, targets)
-  np.testing.assert_allclose(
-      cross_entropy, optax.softmax_cross_entropy_with_integer_labels(logits, targets), rtol=1e-6
-  )
-  np.testing.assert_allclose(log_z, np.log(np.exp(np.asarray(logits, np.float64)).sum(-1)), rtol=1e-6)
+def _model_and_params(config):
+  model = Transformer(ml_collections.FrozenConfigDict(config.model))
+  tokens_BT = jax.random.randint(jax.random.key(0), (4, 16), 0, config.model.vocab_size)
+  segment_ids_BT = jnp.array([[1] * 5 + [2] * 11] * 4)
+  positions_BT = jnp.array([list(range(5)) + list(range(11))] * 4)
+  params = nn.unbox(model.init(jax.random.key(1), tokens_BT, segment_ids_BT, positions_BT)["params"])
+  return model, params, (tokens_BT, segment_ids_BT, positions_BT)
+
+
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+@pytest.mark.parametrize("chunk_len", [0, 1, 5, 16, 100])  # of 16 positions: 5 becomes chunks of 4
+def test_chunked_losses_and_gradients_equal_those_of_whole_logits(tiny_config, tie_embeddings, chunk_len):
+  config = tiny_config("gpt2", {"model.tie_embeddings": tie_embeddings, "model.loss_chunk_len": chunk_len})
+  model, params, inputs = _model_and_params(config)
+  targets_BT = jax.random.randint(jax.random.key(2), (4, 16), 0, config.model.vocab_size)
+  weights_BT = jax.random.uniform(jax.random.key(3), (4, 16))
+
+  def chunked(params):
+    hidden_BTD = model.apply({"params": params}, *inputs, hidden_only=True)
+    cross_entropy_BT, log_z_BT = step_lib.token_losses(params, model.cfg, hidden_BTD, targets_BT)
+    return jnp.sum((cross_entropy_BT + 0.1 * log_z_BT**2) * weights_BT)
+
+  def whole(params):
+    logits_BTV = model.apply({"params": params}, *inputs).astype(jnp.float32)
+    cross_entropy_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
+    log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    return jnp.sum((cross_entropy_BT + 0.1 * log_z_BT**2) * weights_BT)
+
+  chunked_loss, chunked_grads = jax.jit(jax.value_and_grad(chunked))(params)
+  whole_loss, whole_grads = jax.jit(jax.value_and_grad(whole))(params)
+  np.testing.assert_allclose(chunked_loss, whole_loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), chunked_grads, whole_grads)
+
+
+def test_log_z_is_the_log_partition_function(tiny_config):
+  model, params, inputs = _model_and_params(tiny_config("llama", {"model.loss_chunk_len": 4}))
+  hidden_BTD = model.apply({"params": params}, *inputs, hidden_only=True)
+  _, log_z_BT = step_lib.token_losses(params, model.cfg, hidden_BTD, jnp.zeros((4, 16), jnp.int32))
+  logits_BTV = np.asarray(model.apply({"params": params}, *inputs), np.float64)
+  np.testing.assert_allclose(log_z_BT, np.log(np.exp(logits_BTV).sum(-1)), rtol=1e-6)
+
+
+def _train_step_temp_bytes(config) -> int:
+  run = loop.setup(config, jax.devices()[:1])
+  batch_BT = jax.ShapeDtypeStruct((config.data.batch_size, config.data.seq_len), jnp.int32)
+  batch = {"inputs": batch_BT, "targets": batch_BT, "positions": batch_BT, "weights": jax.ShapeDtypeStruct(batch_BT.shape, jnp.float32)}
+  compiled = run.train_step.lower(run.abstract_state, batch, jax.random.key(0)).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_the_train_step_never_holds_the_whole_logits(tiny_config):
+  """Compiled, the step's scratch memory stays below one float32 copy of the [B, T, V] logits."""
+  overrides = {"mesh.data": 1, "model.vocab_size": 32768, "data.seq_len": 256, "model.max_seq_len": 256}
+  config = tiny_config("llama", {**overrides, "model.loss_chunk_len": 32})
+  logits_bytes = config.data.batch_size * config.data.seq_len * config.model.vocab_size * 4
+  chunked_bytes = _train_step_temp_bytes(config)
+  whole_bytes = _train_step_temp_bytes(tiny_config("llama", {**overrides, "model.loss_chunk_len": 0}))
+  assert whole_bytes > logits_bytes, (whole_bytes, logits_bytes)  # the test can tell: unchunked, the logits are there
+  assert chunked_bytes < logits_bytes / 2, (chunked_bytes, whole_bytes, logits_bytes)
 
 
 def _run(config, num_steps, devices=None):
@@ -49,8 +103,8 @@ def test_weights_exclude_tokens_from_the_loss(tiny_config):
   state = run.init_state()
   params = jax.tree.map(jnp.copy, state.params)  # the step donates its state
   _, metrics = run.train_step(state, half, jax.random.key(0))
-  logits = run.model.apply({"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"])
-  cross_entropy, _ = step_lib.token_losses(logits, batch["targets"])
+  logits = run.model.apply({"params": params}, batch["inputs"], batch.get("segment_ids"), batch["positions"])
+  cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
   np.testing.assert_allclose(metrics["loss"], np.mean(np.asarray(cross_entropy)[:, :8]), rtol=1e-5)
   assert float(metrics["tokens"]) == weights.sum()
 
