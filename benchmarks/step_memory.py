@@ -13,22 +13,21 @@ import json
 
 import jax
 import ml_collections
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
+from lm import cli
 from lm import compile as compile_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _DEVICES = flags.DEFINE_integer("devices", 0, "Compile for the first N local devices; 0: all of them.")
 _JSON = flags.DEFINE_string("json", None, "Also write the report to this JSON file.")
 
 
-def main(argv):
-  del argv
-  config = ml_collections.ConfigDict(_CONFIG.value)
+def main(config: ml_collections.ConfigDict) -> None:
   devices = jax.devices()[: _DEVICES.value or None]
   limit = (devices[0].memory_stats() or {}).get("bytes_limit", 0)
   report = compile_lib.compile_step(config, devices, limit)
+  if not limit:
+    report["fits"] = None  # this device does not say how much memory it has
   report["device_kind"] = devices[0].device_kind
   report["logits_bytes_per_microbatch"] = (
       4 * config.data.batch_size // config.train.microbatches * config.data.seq_len * config.model.vocab_size
@@ -54,5 +53,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run_with_config(main)

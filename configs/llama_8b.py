@@ -3,7 +3,7 @@
 Where it fits, as `python -m lm.compile --config=configs/llama_8b.py --topology=...` measured it
 (jax 0.10.2, libtpu 0.0.42.1, 2026-11-26; FSDP over every chip, splash attention, full remat,
 2 microbatches of 256 x 8192 tokens):
-- v5p-64: 47.76 GiB per chip of 95.74 (32 chips, 4 rows each per microbatch).
+- v5p-64: 47.76 GiB per chip of 95.74 (32 chips, 8 rows each per microbatch).
 - v5e-256: 9.07 GiB per chip of 15.75 (256 chips, 1 row each per microbatch).
 
 On GPUs it needs several: its 8.0B parameters take 120 GiB with their gradients and AdamW's two
@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.data.seq_len = 8192
   config.data.batch_size = 512  # 4M tokens per step
-  config.train.microbatches = 2  # 4 rows per chip per microbatch on a v5p-64
+  config.train.microbatches = 2  # 8 rows per chip per microbatch on a v5p-64
 
   config.optimizer.learning_rate = 3e-4
   config.optimizer.warmup_steps = 2000

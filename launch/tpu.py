@@ -47,9 +47,20 @@ class Shell:
     return subprocess.run(argv, check=True, capture_output=True, text=True).stdout.strip()
 
 
+def config_arguments(train_args: list[str]) -> list[str]:
+  """lm.train's --config and --config.a.b flags, with their values (`--config.a.b=1` or `--config.a.b 1`)."""
+  kept = []
+  for index, arg in enumerate(train_args):
+    if arg.startswith(("--config=", "--config.")):
+      kept.append(arg)
+      if "=" not in arg and index + 1 < len(train_args):
+        kept.append(train_args[index + 1])
+  return kept
+
+
 def fit_check(args, train_args: list[str]) -> None:
   """Compiles the training step for the slice on this machine; exits, having created nothing, if it does not fit."""
-  config_args = [arg for arg in train_args if arg.startswith(("--config=", "--config."))]
+  config_args = config_arguments(train_args)
   command = [sys.executable, "-m", "lm.compile", *config_args, f"--topology={args.accelerator}"]
   print("# fit check: " + shlex.join(command), flush=True)
   if subprocess.run(command).returncode != 0:

@@ -15,6 +15,7 @@ the config's mesh.dcn_data x mesh.dcn_fsdp and must equal it.
 """
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -120,16 +121,16 @@ def parse_topology(name: str) -> Topology:
 
 def topology_devices(topology: Topology, num_slices: int) -> list[jax.Device]:
   """Compile-only devices of `num_slices` slices of `topology` (libtpu; no TPU needed)."""
+  if importlib.util.find_spec("libtpu") is None:
+    raise UserError("compiling for a TPU needs libtpu: pip install -e '.[tpu]'")
   # Off a TPU VM, libtpu would look for the VM's metadata and print warnings about it.
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-  os.environ.setdefault("TPU_ACCELERATOR_TYPE", topology.accelerator_type)
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ["TPU_ACCELERATOR_TYPE"] = topology.accelerator_type  # what is compiled for, not this machine
   # Compiling touches no TPU, so another process using libtpu (a training run, a second check) is no conflict.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  try:
-    from jax.experimental import topologies
-  except ImportError as error:
-    raise UserError(f"compiling for a TPU needs jax's topologies ({error})") from None
+  from jax.experimental import topologies
+
   try:
     description = topologies.get_topology_desc(
         platform="tpu",
@@ -139,8 +140,6 @@ def topology_devices(topology: Topology, num_slices: int) -> list[jax.Device]:
         num_slices=num_slices,
     )
   except (RuntimeError, ValueError) as error:
-    if "tpu" in str(error).lower() and ("plugin" in str(error).lower() or "backend" in str(error).lower()):
-      raise UserError("compiling for a TPU needs libtpu: pip install -e '.[tpu]'") from None
     raise UserError(f"--topology={topology.name}: libtpu cannot make it ({' '.join(str(error).split())[:200]})") from None
   return list(description.devices)
 
@@ -150,8 +149,8 @@ def _shard_bytes(abstract_tree) -> int:
   return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize for leaf in jax.tree.leaves(abstract_tree))
 
 
-def _out_of_memory_bytes(error: Exception) -> int | None:
-  """The bytes per chip a RESOURCE_EXHAUSTED compile error says the program needs."""
+def _out_of_memory_temp_bytes(error: Exception) -> int | None:
+  """The bytes per chip of temporaries a RESOURCE_EXHAUSTED compile error says the program needs."""
   units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
   match = re.search(r"required for HLO temporaries \(([\d.]+)([KMGT])\)", str(error))
   match = match or re.search(r"Used ([\d.]+)([KMGT]) of", str(error))
@@ -196,10 +195,11 @@ def compile_step(config: ml_collections.ConfigDict, devices: list[jax.Device], h
   try:
     compiled = run.train_step.lower(run.abstract_state, batch, rng).compile()
   except Exception as error:  # XLA says RESOURCE_EXHAUSTED when the step cannot fit: report it like a misfit
-    needed = _out_of_memory_bytes(error)
-    if "RESOURCE_EXHAUSTED" not in str(error) or needed is None:
+    temp_bytes = _out_of_memory_temp_bytes(error)
+    if "RESOURCE_EXHAUSTED" not in str(error) or temp_bytes is None:
       raise
-    return {**report, "bytes_per_device": needed, "temp_bytes_per_device": None, "xla_flops_per_step": None,
+    total = report["state_bytes_per_device"] + report["batch_bytes_per_device"] + temp_bytes  # arguments, scratch
+    return {**report, "bytes_per_device": total, "temp_bytes_per_device": temp_bytes, "xla_flops_per_step": None,
             "custom_calls": [], "compile_seconds": time.perf_counter() - started, "fits": False}  # fmt: skip
   compile_seconds = time.perf_counter() - started
   memory = compiled.memory_analysis()

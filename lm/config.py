@@ -108,6 +108,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if model.family == "llama":
     head_dim = model.embed_dim // model.num_heads
     _require(head_dim % 2 == 0, "model.num_heads", f"rotary embeddings need an even head_dim, got {head_dim}")
+  _require(
+      not (model.fp8_matmuls and model.dtype == "float16"),
+      "model.fp8_matmuls",
+      "fp8 scales underflow in float16; compute in bfloat16 (model.dtype) or leave fp8 off",
+  )
   _require(model.scan_unroll >= 1, "model.scan_unroll", f"must be >= 1, got {model.scan_unroll}")
   _require(model.cudnn_max_documents >= 1, "model.cudnn_max_documents", f"must be >= 1, got {model.cudnn_max_documents}")
   _require(model.loss_chunk_len >= 0, "model.loss_chunk_len", f"must be >= 0 (0: all positions at once), got {model.loss_chunk_len}")

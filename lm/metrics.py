@@ -163,6 +163,13 @@ class StepProfiler:
   def __init__(self, directory: str, first: int, count: int):
     self.directory, self.first, self.last = directory, first, first + count - 1
     self.tracing = False
+    self._last_traced = None  # (step, its outputs): the trace ends once they are computed
+
+  def __enter__(self) -> "StepProfiler":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.stop()
 
   def before_step(self, step: int) -> None:
     """Starts the trace before step `first` is dispatched."""
@@ -172,20 +179,19 @@ class StepProfiler:
 
   def after_step(self, step: int, outputs) -> None:
     """Ends the trace once step `last` has finished on the device."""
-    if self.tracing and step >= self.last:
-      jax.block_until_ready(outputs)
-      self.stop()
-
-  def __enter__(self) -> "StepProfiler":
-    return self
-
-  def __exit__(self, *exc_info) -> None:
-    self.stop()
+    if self.tracing:
+      self._last_traced = (step, outputs)
+      if step >= self.last:
+        self.stop()
 
   def stop(self) -> None:
-    """Ends the trace if it is running (a run that ends, or stops, before step `last`)."""
-    if self.tracing:
-      jax.profiler.stop_trace()
-      self.tracing = False
-      if jax.process_index() == 0:
-        print(f"Profiled steps {self.first + 1} to {self.last + 1}: open {self.directory} in TensorBoard's profile tab", flush=True)
+    """Ends the trace, after the last traced step finishes (also when the run ends before step `last`)."""
+    if not self.tracing:
+      return
+    if self._last_traced is not None:  # None: the first traced step failed
+      jax.block_until_ready(self._last_traced[1])
+    jax.profiler.stop_trace()
+    self.tracing = False
+    if self._last_traced is not None and jax.process_index() == 0:
+      last_step = self._last_traced[0]
+      print(f"Profiled steps {self.first + 1} to {last_step + 1}: open {self.directory} in TensorBoard's profile tab", flush=True)

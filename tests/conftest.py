@@ -9,9 +9,12 @@ import os
 import tempfile
 
 # Backend optimization level 0 halves CPU compile times; the tests are dominated by compiling
-# tiny models, and every comparison they make runs under the same flags.
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+# tiny models, and every comparison they make runs under the same flags. On 2 busy cores the 8
+# simulated devices can take longer than XLA's default 40 s to meet at a collective, which would
+# abort the process: they get 10 minutes.
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + (
+    " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    " --xla_cpu_collective_call_terminate_timeout_seconds=600 --xla_cpu_collective_timeout_seconds=600"
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests start `python -m lm.train` (or several processes of it) that compile the same programs;
@@ -48,6 +51,7 @@ def tiny(family: str = "llama", overrides: dict | None = None) -> ml_collections
   config.model.max_seq_len = 64
   config.model.dtype = "float32"
   config.data.seq_len = 16
+  config.model.loss_chunk_len = 4  # 4 chunks of the 16 positions: every test runs the chunked loss
   config.data.batch_size = 8
   config.train.steps = 10
   config.optimizer.warmup_steps = 2

@@ -51,6 +51,15 @@ def test_unknown_topologies_are_one_line_errors(name):
     compile_lib.parse_topology(name)
 
 
+def test_without_libtpu_it_says_what_to_install(monkeypatch):
+  import importlib.util
+
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "libtpu" else find_spec(name, *args))
+  with pytest.raises(UserError, match=re.escape("compiling for a TPU needs libtpu: pip install -e '.[tpu]'")):
+    compile_lib.topology_devices(compile_lib.parse_topology("v5e-4"), 1)
+
+
 @pytest.mark.parametrize("name", ["v4-16", "v5p-16", "v5e-8", "v6e-4", "v5e-1"])
 def test_libtpu_makes_one_device_per_chip(name):
   topology = compile_lib.parse_topology(name)
@@ -167,7 +176,7 @@ def test_cli_config_that_cannot_shard_is_a_config_error():
 
 
 # The shipped configs state in their docstrings where they fit; each is compiled for that topology.
-SHIPPED = [("llama_1b.py", "v5e-16"), ("llama_8b.py", "v5p-64")]
+SHIPPED = [("llama_1b.py", "v5p-8"), ("llama_8b.py", "v5p-64")]
 
 
 @pytest.mark.parametrize("config_file, topology", SHIPPED)

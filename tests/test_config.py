@@ -26,6 +26,7 @@ BAD_CONFIGS = [
     ({"model.attention": "flash"}, "model.attention"),
     ({"model.remat_policy": "some"}, "model.remat_policy"),
     ({"model.scan_unroll": 0}, "model.scan_unroll"),
+    ({"model.fp8_matmuls": True, "model.dtype": "float16"}, "model.fp8_matmuls"),
     ({"model.cudnn_max_documents": 0}, "model.cudnn_max_documents"),
     ({"model.loss_chunk_len": -1}, "model.loss_chunk_len"),
     ({"train.profile_steps": -2}, "train.profile_steps"),

@@ -16,11 +16,13 @@ import jax
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 from jax.sharding import Mesh
 
 from lm import sharding
 from lm.config import ConfigError
 from lm.data import synthetic, tfds_builder
+from lm.models import attention
 
 _READ_THREADS = 4  # grain threads building upcoming batches
 _PREFETCH_BATCHES = 8  # at least _READ_THREADS, or threads sit idle
@@ -84,9 +86,26 @@ def _windows(builder: tfds.core.DatasetBuilder, split: str, seq_len: int, shuffl
   return windows.map(functools.partial(_read_window, builder.as_data_source(split), seq_len))
 
 
-def _rows_of_step(windows: grain.MapDataset, global_batch: int, rows: np.ndarray, eos_id: int, step: int) -> Rows:
+def _rows_of_step(
+    windows: grain.MapDataset, global_batch: int, rows: np.ndarray, eos_id: int, max_documents: int | None, step: int
+) -> Rows:
   tokens_BT1 = np.stack([windows[step * global_batch + row] for row in rows])
-  return packed_rows(tokens_BT1, eos_id)
+  packed = packed_rows(tokens_BT1, eos_id)
+  most_documents = int(packed["segment_ids"][:, -1].max())  # segment ids count a row's documents from 1
+  if max_documents and most_documents > max_documents:
+    logging.log_first_n(
+        logging.WARNING,
+        f"a row of step {step} holds {most_documents} documents, more than model.cudnn_max_documents={max_documents}: "
+        "cuDNN attention joins the last ones, which then see each other; raise model.cudnn_max_documents",
+        1,
+    )
+  return packed
+
+
+def _cudnn_document_cap(config: ml_collections.ConfigDict, mesh: Mesh) -> int | None:
+  """model.cudnn_max_documents when attention runs on cuDNN, which keeps only that many documents per row apart."""
+  platform = mesh.devices.flat[0].platform
+  return config.model.cudnn_max_documents if attention.kernel_name(config.model.attention, platform) == "cudnn" else None
 
 
 def _global_batches(steps: grain.MapDataset, batch_sharding, global_batch: int) -> Iterator[dict[str, jax.Array]]:
@@ -115,7 +134,7 @@ def train_batches(
     )
   else:
     windows = _windows(builder, "train", data.seq_len, shuffle_seed=data.seed)
-    step_rows = functools.partial(_rows_of_step, windows, data.batch_size, rows, eos_id)
+    step_rows = functools.partial(_rows_of_step, windows, data.batch_size, rows, eos_id, _cudnn_document_cap(config, mesh))
   steps = grain.MapDataset.range(start_step, sys.maxsize).map(step_rows)
   return _global_batches(steps, batch_sharding, data.batch_size)
 
@@ -137,5 +156,6 @@ def eval_batches(
   count = len(windows) // data.batch_size
   if max_batches > 0:
     count = min(count, max_batches)
-  steps = grain.MapDataset.range(count).map(functools.partial(_rows_of_step, windows, data.batch_size, rows, eos_id))
+  step_rows = functools.partial(_rows_of_step, windows, data.batch_size, rows, eos_id, _cudnn_document_cap(config, mesh))
+  steps = grain.MapDataset.range(count).map(step_rows)
   return _global_batches(steps, batch_sharding, data.batch_size)

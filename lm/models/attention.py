@@ -15,6 +15,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -99,10 +100,32 @@ def packed_segments(segment_ids_BT: jax.Array, max_documents: int) -> tuple[jax.
   return lengths_BM, offsets_BM1
 
 
+@functools.cache
+def _jax_places_packed_keys_by_their_own_heads() -> bool:
+  """Whether jax converts packed documents' key offsets into element offsets with the keys' head count.
+
+  jax 0.10 uses the queries' head count for both, which puts the keys of grouped-query attention
+  in the wrong place; asked of jax's own conversion, on a query of 2 heads and a key of 1.
+  """
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+  lengths_BM = np.array([[1, 1]], np.int32)
+  offsets_BM1 = np.array([[0, 1, -1]], np.int32)
+  with jax.ensure_compile_time_eval():
+    _, _, _, kv_offsets = cudnn._fix_seqlen_offsets(
+        lengths_BM, lengths_BM, offsets_BM1, offsets_BM1, np.zeros((1, 2, 2, 1)), np.zeros((1, 2, 1, 1))
+    )
+  return int(np.asarray(kv_offsets).ravel()[1]) == 1  # document 2 starts at element 1 of the 1-head key
+
+
 def _cudnn_packed_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, max_documents: int) -> jax.Array:
   """cuDNN's fused attention over packed documents, given as lengths and offsets rather than a [B, T, S] mask."""
   from jax._src.cudnn import fused_attention_stablehlo as cudnn  # jax's public API takes only one length per row
 
+  num_heads, num_kv_heads = q_BTNH.shape[2], k_BSKH.shape[2]
+  if num_kv_heads != num_heads and not _jax_places_packed_keys_by_their_own_heads():
+    # Give every query head its own key and value head, so both have the same head count.
+    k_BSKH, v_BSKH = (jnp.repeat(x, num_heads // num_kv_heads, axis=2) for x in (k_BSKH, v_BSKH))
   lengths_BM, offsets_BM1 = packed_segments(segment_ids_BT, max_documents)
   return cudnn.dot_product_attention(
       q_BTNH, k_BSKH, v_BSKH, q_seqlen=lengths_BM, kv_seqlen=lengths_BM, q_offsets=offsets_BM1, kv_offsets=offsets_BM1,
@@ -213,14 +236,20 @@ def splash_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS
   return sharded(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS, kernel)
 
 
+def kernel_name(attention: str, platform: str) -> str:
+  """The kernel model.attention=`attention` runs on `platform`: "auto" is cuDNN's on NVIDIA GPUs, splash on
+  TPUs, XLA elsewhere."""
+  if attention != "auto":
+    return attention
+  return {"gpu": "cudnn", "tpu": "splash"}.get(platform, "xla")
+
+
 def auto_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS, q_start=None, **options) -> jax.Array:
-  """The platform's fast kernel: cuDNN on NVIDIA GPUs, splash on TPUs, XLA elsewhere."""
-  platform = current_platform()
-  if platform == "gpu":
-    return cudnn_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS, q_start, **options)
-  if platform == "tpu":
-    return splash_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS, q_start)
-  return xla_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS, q_start)
+  """The platform's fast kernel (see kernel_name)."""
+  name = kernel_name("auto", current_platform())
+  kernel = {"cudnn": cudnn_attention, "splash": splash_attention, "xla": xla_attention}[name]
+  options = options if name == "cudnn" else {}
+  return kernel(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS, q_start, **options)
 
 
 KERNELS = {

@@ -35,6 +35,7 @@ class Projection(nn.Module):
   kernel_axes: tuple[str | None, ...]  # one name per kernel dimension: contracted ones, then features
   residual: bool = False  # writes into the residual stream: init std / sqrt(2 * num_layers) (GPT-2's init)
   bias: bool = True  # GPT-2 adds a bias unless this is False; Llama never does
+  fp8: bool = True  # in fp8 when cfg.fp8_matmuls (the output layer stays in cfg.dtype)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -49,7 +50,7 @@ class Projection(nn.Module):
     )
     compute_dtype = jnp.dtype(cfg.dtype)
     x, kernel = x.astype(compute_dtype), kernel.astype(compute_dtype)
-    if cfg.fp8_matmuls:
+    if cfg.fp8_matmuls and self.fp8:
       y = fp8_gradient(jnp.tensordot(fp8_forward(x), fp8_forward(kernel), axes=num_contracted))
     else:
       y = jnp.tensordot(x, kernel, axes=num_contracted)
@@ -66,10 +67,13 @@ class Projection(nn.Module):
 
 def quantize_dequantize(x: jax.Array, fp8_dtype) -> jax.Array:
   """x rounded to `fp8_dtype` under a per-tensor scale (its largest magnitude maps to the format's largest
-  value), returned in x's dtype. XLA on Hopper turns a product of such values into an fp8 matmul."""
+  value), returned in x's dtype. XLA on Hopper turns a product of such values into an fp8 matmul.
+
+  An all-zero or non-finite maximum keeps a scale of 1: zeros stay zeros, Inf saturates, NaN stays NaN.
+  """
   largest = float(jnp.finfo(fp8_dtype).max)
   amax = jax.lax.stop_gradient(jnp.max(jnp.abs(x)).astype(jnp.float32))
-  scale = jnp.maximum(amax, jnp.finfo(jnp.float32).tiny) / largest
+  scale = jnp.where((amax > 0) & jnp.isfinite(amax), amax, largest) / largest  # float32
   quantized = jnp.clip(x.astype(jnp.float32) / scale, -largest, largest).astype(fp8_dtype)
   return quantized.astype(x.dtype) * scale.astype(x.dtype)
 

@@ -99,7 +99,7 @@ class Transformer(nn.Module):
     if cfg.tie_embeddings:
       logits_BTV = token_embed.attend(x_BTD)
     else:
-      logits_BTV = layers.Projection(cfg, (cfg.vocab_size,), ("embed", "vocab"), bias=False, name="lm_head")(x_BTD)
+      logits_BTV = layers.Projection(cfg, (cfg.vocab_size,), ("embed", "vocab"), bias=False, fp8=False, name="lm_head")(x_BTD)
     return layers.constrain(logits_BTV, ("activation_batch", "activation_length", "activation_vocab"))
 
 

@@ -140,3 +140,17 @@ def test_two_processes_build_the_same_global_batches_as_one(prepared, mesh_sizes
     for step in range(3):
       for name in ("inputs", "targets", "segment_ids", "positions", "weights"):
         np.testing.assert_array_equal(shards[f"{name}_{step}"], expected[step][name][rows])
+
+
+def test_rows_with_more_documents_than_cudnn_keeps_apart_are_reported(monkeypatch):
+  """Only when cuDNN will run: it joins a row's documents past model.cudnn_max_documents."""
+  warnings = []
+  monkeypatch.setattr(pipeline.logging, "log_first_n", lambda level, message, count: warnings.append(message))
+  eos = 0
+  windows = [np.array([eos, 5, eos, 6, eos, 7, 8, 9, 10]), np.array([1, 2, 3, 4, 5, 6, 7, 8, 9])]  # 3 and 1 documents
+  rows = pipeline._rows_of_step(windows, 2, np.arange(2), eos, 3, step=0)
+  assert rows["segment_ids"][:, -1].tolist() == [3, 1] and warnings == []
+  pipeline._rows_of_step(windows, 2, np.arange(2), eos, 2, step=0)
+  assert len(warnings) == 1 and "holds 3 documents, more than model.cudnn_max_documents=2" in warnings[0]
+  pipeline._rows_of_step(windows, 2, np.arange(2), eos, None, step=0)  # another kernel: no cap
+  assert len(warnings) == 1

@@ -83,11 +83,12 @@ WIDE = ["--config.model.embed_dim=8192", "--config.model.mlp_dim=32768", "--conf
 
 def test_fit_check_runs_before_anything_is_created():
   pytest.importorskip("libtpu", reason="the fit check compiles for a TPU: pip install -e '.[tpu]'")
-  result = _launch(train_args=[*SMALL, "--workdir=/mnt/shared/run"])
+  result = _launch(train_args=[*SMALL, "--config.train.steps", "70", "--workdir=/mnt/shared/run"])
   assert result.returncode == 0, result.stderr
   lines = result.stdout.strip().splitlines()
   check = next(index for index, line in enumerate(lines) if line.startswith("# fit check:"))
   assert "--topology=v5litepod-16" in lines[check] and "--workdir" not in lines[check]
+  assert "--config.train.steps 70" in lines[check]  # a value given as the next argument travels with its flag
   assert json.loads(next(line for line in lines if line.startswith("{")))["fits"]
   first_gcloud = next(index for index, line in enumerate(lines) if line.startswith("gcloud"))
   assert check < first_gcloud

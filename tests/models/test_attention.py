@@ -95,15 +95,25 @@ def test_queries_at_an_offset_match_the_same_rows_of_full_attention(kernel):
   np.testing.assert_allclose(tail, full[:, start:], atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel", ["cudnn", "auto"])
-def test_gpu_kernels_are_xla_on_a_cpu(kernel):
+def test_cudnn_kernel_falls_back_to_the_same_numbers_without_a_gpu():
   q, k, v = _qkv(5)
   segment_ids = jnp.array([[1] * 5 + [2] * 7, [1] * T])
   np.testing.assert_allclose(
-      attention.KERNELS[kernel](q, k, v, segment_ids, segment_ids),
+      attention.cudnn_attention(q, k, v, segment_ids, segment_ids),
       attention.xla_attention(q, k, v, segment_ids, segment_ids),
       atol=1e-5,
   )
+
+
+@pytest.mark.parametrize("platform, expected", [("gpu", "cudnn"), ("tpu", "splash"), ("cpu", "xla")])
+def test_auto_picks_the_platforms_kernel(monkeypatch, platform, expected):
+  called = []
+  for name in ("cudnn", "splash", "xla"):
+    monkeypatch.setattr(attention, f"{name}_attention", lambda *args, name=name, **options: called.append((name, options)))
+  monkeypatch.setattr(attention, "current_platform", lambda: platform)
+  q, k, v = _qkv()
+  attention.auto_attention(q, k, v, None, None, max_documents=7)
+  assert called == [(expected, {"max_documents": 7} if expected == "cudnn" else {})]
 
 
 # Splash attention tiles sequences by 128 tokens: these inputs are long enough for it to run.
@@ -145,16 +155,21 @@ def test_splash_kernel_equals_xla_forward_and_backward_with_packed_documents():
   _assert_close_to_xla(attention.splash_attention, *_splash_inputs(), SPLASH_SEGMENT_IDS)
 
 
-def test_splash_kernel_over_a_mesh_equals_one_device():
-  """Rows, heads and query positions split over data x tensor x sequence (shard_map): the same numbers."""
+@pytest.mark.parametrize("data, fsdp, tensor, sequence", [(2, 1, 2, 2), (1, 2, 2, 2), (1, 1, 2, 4)])
+def test_splash_kernel_over_a_mesh_equals_one_device(data, fsdp, tensor, sequence):
+  """Rows, heads and query positions split over the mesh (shard_map): the numbers of one device, and XLA's."""
   from lm import sharding
   from lm.config import load_config_file
 
+  inputs = _splash_inputs(1)
+  one_device = _output_and_gradients(attention.splash_attention, *inputs, SPLASH_SEGMENT_IDS)
   config = load_config_file(os.path.join(REPO, "configs", "default.py"))
-  config.mesh.update(data=2, tensor=2, sequence=2)
+  config.mesh.update(data=data, fsdp=fsdp, tensor=tensor, sequence=sequence)
   mesh = sharding.make_mesh(config.mesh)
   with sharding.activate(mesh, sharding.rules(config.mesh)):
-    _assert_close_to_xla(attention.splash_attention, *_splash_inputs(1), SPLASH_SEGMENT_IDS)
+    sharded = _output_and_gradients(attention.splash_attention, *inputs, SPLASH_SEGMENT_IDS)
+    _assert_close_to_xla(attention.splash_attention, *inputs, SPLASH_SEGMENT_IDS)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), sharded, one_device)
 
 
 def test_splash_kernel_without_segment_ids_is_causal_attention():
@@ -192,3 +207,54 @@ def test_packed_segments_give_cudnn_each_document(max_documents):
     expected = np.minimum(np.searchsorted(starts, np.arange(T), side="right") - 1, max_documents - 1)
     np.testing.assert_array_equal(rebuilt[row], expected)  # every token covered, past the cap in the last
   assert np.all(np.asarray(offsets)[:, -1] == -1)
+
+
+def _cudnn_as_documented(query, key, value, q_seqlen, kv_seqlen, q_offsets, kv_offsets, scale, mask_type):
+  """Causal attention within each packed document, read the way cuDNN reads what jax hands it.
+
+  jax turns the [B, M] lengths and [B, M + 1] offsets into one list of documents with element
+  offsets into the flattened [B, T, heads, H] arrays (its own _fix_seqlen_offsets); cuDNN then
+  reads each document's tokens from there, a token being as many elements as that array's heads
+  times H. With M = 1, the lengths are each row's unpadded length.
+  """
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+  assert mask_type == cudnn.MaskType.PADDING_CAUSAL
+  batch, length, num_heads, head_dim = query.shape
+  num_kv_heads = key.shape[2]
+  if q_offsets.shape[1] == 2:  # one document per row: a padding mask
+    documents = [(int(q_seqlen[b, 0]), b * length * num_heads * head_dim, b * length * num_kv_heads * head_dim) for b in range(batch)]
+  else:
+    q_seqlen, _, q_offsets, kv_offsets = cudnn._fix_seqlen_offsets(q_seqlen, kv_seqlen, q_offsets, kv_offsets, query, key)
+    documents = [(int(n), int(q), int(kv)) for n, q, kv in zip(np.ravel(q_seqlen), np.ravel(q_offsets), np.ravel(kv_offsets)) if n > 0]
+  q_flat, k_flat, v_flat = (np.asarray(x, np.float64).ravel() for x in (query, key, value))
+  out_flat = np.zeros_like(q_flat)
+  for size, q_start, kv_start in documents:
+    q_tokens = q_flat[q_start : q_start + size * num_heads * head_dim].reshape(size, num_heads, head_dim)
+    k_tokens = k_flat[kv_start : kv_start + size * num_kv_heads * head_dim].reshape(size, num_kv_heads, head_dim)
+    v_tokens = v_flat[kv_start : kv_start + size * num_kv_heads * head_dim].reshape(size, num_kv_heads, head_dim)
+    group = num_heads // num_kv_heads
+    scores = np.einsum("tnh,snh->nts", q_tokens, np.repeat(k_tokens, group, axis=1)) * scale
+    scores = np.where(np.tril(np.ones((size, size), bool)), scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    out = np.einsum("nts,snh->tnh", probs, np.repeat(v_tokens, group, axis=1))
+    out_flat[q_start : q_start + size * num_heads * head_dim] = out.ravel()
+  return jnp.asarray(out_flat.reshape(query.shape), jnp.float32)
+
+
+@pytest.mark.parametrize("num_kv_heads", [N, K, 1])  # multi-head, grouped, multi-query
+@pytest.mark.parametrize("max_documents", [1, 2, 3, 8])
+def test_cudnn_packed_documents_as_cudnn_reads_them(monkeypatch, num_kv_heads, max_documents):
+  """What lm passes cuDNN, read as cuDNN reads it, is attention within each document; past
+  max_documents, a row's last documents are one."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+  monkeypatch.setattr(cudnn, "dot_product_attention", _cudnn_as_documented)
+  kq, kk, kv = jax.random.split(jax.random.key(7), 3)
+  q = jax.random.normal(kq, (B, T, N, H))
+  k, v = jax.random.normal(kk, (B, T, num_kv_heads, H)), jax.random.normal(kv, (B, T, num_kv_heads, H))
+  segment_ids = jnp.array([[1, 1, 1, 2, 2, 3, 3, 3, 3, 3, 3, 3], [4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5]])
+  out = attention._cudnn_packed_attention(q, k, v, segment_ids, max_documents)
+  joined = jnp.minimum(segment_ids - segment_ids[:, :1], max_documents - 1)  # documents past the cap are one
+  np.testing.assert_allclose(out, attention.xla_attention(q, k, v, joined, joined), atol=1e-5)

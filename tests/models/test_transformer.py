@@ -157,6 +157,28 @@ def test_fp8_rounds_to_the_format_under_a_per_tensor_scale():
     np.testing.assert_allclose(rounded, x, rtol=2.0**-mantissa_bits, atol=scale * 2.0**-6)
 
 
+@pytest.mark.parametrize("special", [0.0, np.inf, np.nan])
+def test_fp8_keeps_zeros_saturates_inf_and_propagates_nan(special):
+  x = jnp.zeros((4, 8)) if special == 0.0 else jnp.ones((4, 8)).at[0, 0].set(special)
+  rounded = np.asarray(layers.quantize_dequantize(x, jnp.float8_e4m3fn))
+  if special == 0.0:
+    np.testing.assert_array_equal(rounded, 0.0)
+  elif np.isinf(special):
+    assert rounded[0, 0] == float(jnp.finfo(jnp.float8_e4m3fn).max) and np.all(rounded.ravel()[1:] == 1.0)
+  else:
+    assert np.isnan(rounded[0, 0]) and np.all(rounded.ravel()[1:] == 1.0)
+
+
+def test_fp8_leaves_the_output_layer_alone(tiny_config):
+  """The module's untied head and the loss's output_logits agree with fp8 on: neither is quantized."""
+  config = tiny_config("llama", {"model.tie_embeddings": False, "model.fp8_matmuls": True})
+  model = _model(config)
+  inputs = _inputs()
+  params = _init(model, inputs)
+  hidden = jax.jit(lambda params: model.apply({"params": params}, *inputs, hidden_only=True))(params)
+  np.testing.assert_allclose(_apply(model, params, *inputs), transformer.output_logits(params, model.cfg, hidden), atol=1e-6)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fp8_matmuls_stay_close_to_bfloat16(tiny_config, family):
   """Loss within 0.1% and gradients pointing the same way (cosine > 0.99): e4m3 forward, e5m2 gradients."""
