@@ -1,6 +1,7 @@
 """What every `python -m lm.<command>` shares: flag parsing and one-line errors."""
 
 import os
+import re
 import sys
 from typing import Callable
 
@@ -18,7 +19,11 @@ def run(main: Callable[..., None], takes_args: bool = False) -> None:
   A command with `takes_args` gets its positional arguments: main(args).
   """
 
+  flags_parsed = False
+
   def absl_main(argv: list[str]) -> None:
+    nonlocal flags_parsed
+    flags_parsed = True
     args = argv[1:]
     if args and not takes_args:
       raise app.UsageError(f"unexpected arguments: {' '.join(args)}")
@@ -35,10 +40,21 @@ def run(main: Callable[..., None], takes_args: bool = False) -> None:
 
   try:
     app.run(absl_main)
-  except AttributeError as error:  # raised while parsing an override of a config field that does not exist
-    field = str(error).strip("\"'")
-    overrides = [arg.split("=")[0] for arg in sys.argv[1:] if arg.startswith("--config.") and field in arg]
-    sys.exit(f"error: unknown config field {' '.join(overrides) or field}; see configs/default.py for the fields")
+  except (AttributeError, KeyError) as error:
+    if flags_parsed:  # raised by the command itself: a bug, not the user's
+      raise
+    sys.exit(_unknown_field_message(error))
+
+
+def _unknown_field_message(error: Exception) -> str:
+  """One line for an override of a config field or section that does not exist (ml_collections' error)."""
+  message = str(error.args[0]) if error.args else str(error)
+  message = message.replace("\\n", "\n").replace("\\'", "'")  # the AttributeError holds an escaped repr
+  field = message.splitlines()[0].strip("\"'") if message else "?"
+  suggestion = re.search(r'Did you mean "([^"]+)"', message)
+  overrides = [arg.split("=")[0] for arg in sys.argv[1:] if arg.startswith("--config.") and field in arg.split("=")[0]]
+  hint = f' (did you mean "{suggestion.group(1)}"?)' if suggestion else ""
+  return f"error: unknown config field {' '.join(overrides) or field}{hint}; see configs/default.py for the fields"
 
 
 def _exit(message: str) -> None:

@@ -29,6 +29,24 @@ class ConfigError(UserError, ValueError):
   """A config field that cannot work; the message names the field and the fix."""
 
 
+def absolute_path(path: str) -> str:
+  """`path` with `~` and relative parts resolved, once, to the absolute path every later use sees."""
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def resolve_paths(config: ml_collections.ConfigDict) -> None:
+  """Makes every path of the config absolute, before anything reads or writes one (and config.json records it)."""
+  data = config.data
+  data.data_dir = absolute_path(data.data_dir)
+  for field in ("tokenizer", "tfds_data_dir"):
+    if data[field]:
+      data[field] = absolute_path(data[field])
+  if data.source.startswith("text:"):
+    data.source = "text:" + absolute_path(data.source[len("text:") :])
+  if config.checkpoint.init_from:
+    config.checkpoint.init_from = absolute_path(config.checkpoint.init_from)
+
+
 def load_config_file(path: str) -> ml_collections.ConfigDict:
   """Returns get_config() of a config file (configs/*.py), whatever the working directory."""
   spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
@@ -40,6 +58,12 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
 def _require(condition: bool, field: str, message: str) -> None:
   if not condition:
     raise ConfigError(f"{field}: {message}")
+
+
+def _finite_at_least(value: float, lowest: float, field: str, inclusive: bool = True) -> None:
+  """A finite number, >= lowest (or > lowest when not inclusive); NaN fails every comparison."""
+  ok = math.isfinite(value) and (value >= lowest if inclusive else value > lowest)
+  _require(ok, field, f"must be a finite number {'>=' if inclusive else '>'} {lowest:g}, got {value}")
 
 
 def _one_of(value: str, choices: tuple[str, ...], field: str) -> None:
@@ -113,6 +137,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       "model.fp8_matmuls",
       "fp8 scales underflow in float16; compute in bfloat16 (model.dtype) or leave fp8 off",
   )
+  _finite_at_least(model.norm_eps, 0.0, "model.norm_eps", inclusive=False)
+  _finite_at_least(model.init_std, 0.0, "model.init_std", inclusive=False)
   _require(model.scan_unroll >= 1, "model.scan_unroll", f"must be >= 1, got {model.scan_unroll}")
   _require(model.cudnn_max_documents >= 1, "model.cudnn_max_documents", f"must be >= 1, got {model.cudnn_max_documents}")
   _require(model.loss_chunk_len >= 0, "model.loss_chunk_len", f"must be >= 0 (0: all positions at once), got {model.loss_chunk_len}")
@@ -166,6 +192,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   )
 
   _one_of(opt.schedule, SCHEDULES, "optimizer.schedule")
+  _finite_at_least(opt.learning_rate, 0.0, "optimizer.learning_rate")
+  _finite_at_least(opt.eps, 0.0, "optimizer.eps", inclusive=False)
+  _finite_at_least(opt.weight_decay, 0.0, "optimizer.weight_decay")
+  _finite_at_least(opt.grad_clip_norm, 0.0, "optimizer.grad_clip_norm")
+  _finite_at_least(train.z_loss_weight, 0.0, "train.z_loss_weight")
+  for field in ("b1", "b2"):
+    _require(0.0 <= opt[field] < 1.0, f"optimizer.{field}", f"must be in [0, 1), got {opt[field]}")
+  _require(
+      0.0 <= opt.min_learning_rate_ratio <= 1.0,
+      "optimizer.min_learning_rate_ratio",
+      f"must be in [0, 1], got {opt.min_learning_rate_ratio}",
+  )
   _require(opt.warmup_steps >= 0, "optimizer.warmup_steps", f"must be >= 0, got {opt.warmup_steps}")
   _require(
       opt.warmup_steps <= train.steps,
@@ -189,7 +227,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   _require(checkpoint.keep_period >= 0, "checkpoint.keep_period", f"must be >= 0, got {checkpoint.keep_period}")
   if checkpoint.init_from:
     _require(
-        os.path.isdir(os.path.expanduser(checkpoint.init_from)),
+        os.path.isdir(absolute_path(checkpoint.init_from)),
         "checkpoint.init_from",
         f"{checkpoint.init_from} is not a directory (give another run's workdir or checkpoints directory)",
     )

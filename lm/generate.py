@@ -113,10 +113,11 @@ def generate_ids(
   rows = prompts + [prompts[0]] * (num_rows - len(prompts))
   prompt_length = max(len(row) for row in rows)
   cache_length = prompt_length + max_new_tokens
-  if model.cfg.family == "gpt2" and cache_length > model.cfg.max_seq_len:
+  if cache_length > model.cfg.max_seq_len:  # GPT-2 has no positions past it; Llama was never trained on any
     raise UserError(
         f"the longest prompt ({prompt_length} tokens) plus max_new_tokens ({max_new_tokens}) exceed "
-        f"model.max_seq_len={model.cfg.max_seq_len}, the length of GPT-2's position table"
+        f"model.max_seq_len={model.cfg.max_seq_len}, the longest sequence the model takes; ask for at most "
+        f"{max(model.cfg.max_seq_len - prompt_length, 0)} new tokens"
     )
 
   pad_lengths = np.array([prompt_length - len(row) for row in rows])

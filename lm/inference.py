@@ -18,12 +18,12 @@ from jax.sharding import Mesh
 from lm import evaluate as evaluate_lib
 from lm import generate as generate_lib
 from lm import sharding
-from lm.config import UserError
+from lm import workdir as workdir_lib
+from lm.config import UserError, absolute_path
 from lm.data import pipeline, tfds_builder, tokenizer as tokenizer_lib
 from lm.models import Transformer
 from lm.train import checkpoint, state as state_lib, step as step_lib
 
-TOKENIZER_FILE = "tokenizer.model"  # a copy of the run's tokenizer, in its workdir
 
 
 def inference_mesh(config: ml_collections.ConfigDict) -> Mesh:
@@ -88,7 +88,7 @@ class LoadedModel:
   def loss(self, texts: list[str]) -> dict[str, float]:
     """Loss, perplexity and bits per byte of each text read as a document of its own, all texts together."""
     tokenizer = self._require_tokenizer()
-    documents = [[tokenizer.eos_id] + tokenizer.encode(text) for text in texts]  # EOS opens a document
+    documents = [[tokenizer.eos_id] + _encode(tokenizer, text, "text", number) for number, text in enumerate(texts, 1)]
     length = max(len(document) for document in documents) - 1
     num_rows = -(-len(documents) // self.data_parallel) * self.data_parallel
     batch = {name: np.zeros((num_rows, length), np.int32) for name in ("inputs", "targets", "segment_ids", "positions")}
@@ -113,7 +113,7 @@ class LoadedModel:
   ) -> list[str]:
     """The continuation of each prompt (each read as the start of a document), up to the end of the document."""
     tokenizer = self._require_tokenizer()
-    prompt_ids = [[tokenizer.eos_id] + tokenizer.encode(prompt) for prompt in prompts]
+    prompt_ids = [[tokenizer.eos_id] + _encode(tokenizer, prompt, "prompt", number) for number, prompt in enumerate(prompts, 1)]
     new_ids = generate_lib.generate_ids(
         self.model, self.params, self.mesh, self.axis_rules, prompt_ids, max_new_tokens=max_new_tokens,
         eos_id=tokenizer.eos_id, vocab_size=tokenizer.vocab_size, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -122,8 +122,17 @@ class LoadedModel:
     return [tokenizer.decode(ids) for ids in new_ids]
 
 
+def _encode(tokenizer: tokenizer_lib.Tokenizer, text: str, what: str, number: int) -> list[int]:
+  """The token ids of the `number`-th `what`; one that is not UTF-8 is a UserError that says which."""
+  try:
+    return tokenizer.encode(text)
+  except UserError as error:
+    raise UserError(f"{what} {number}: {error}") from None
+
+
 def load(workdir: str, step: int | None = None) -> LoadedModel:
   """The run in `workdir` at checkpoint `step` (default: the latest), on this machine's devices."""
+  workdir = absolute_path(workdir)
   checkpoints = checkpoint.read_only_manager(workdir)
   step = checkpoints.latest_step() if step is None else step
   if step is None:
@@ -131,7 +140,7 @@ def load(workdir: str, step: int | None = None) -> LoadedModel:
   if step not in checkpoints.all_steps():
     raise FileNotFoundError(f"no checkpoint of step {step} in {checkpoints.directory}; kept: {sorted(checkpoints.all_steps())}")
   config = checkpoint.restore_config(checkpoints, step)
-  tokenizer_path = os.path.join(workdir, TOKENIZER_FILE)
+  tokenizer_path = os.path.join(workdir, workdir_lib.TOKENIZER_FILE)
   tokenizer = tokenizer_lib.Tokenizer(tokenizer_path) if os.path.isfile(tokenizer_path) else None
   model = Transformer(ml_collections.FrozenConfigDict(config.model))
   mesh = inference_mesh(config)

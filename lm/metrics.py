@@ -156,6 +156,28 @@ class Throughput:
     return rates
 
 
+class CollapseDetector:
+  """Notices a model collapsed to the uniform distribution, which can never learn again: the loss at
+  ln(vocab_size) with zero gradients, `rows` logged steps in a row (a learning rate far too high does it)."""
+
+  def __init__(self, vocab_size: int, rows: int = 3):
+    self.uniform_loss, self.rows = math.log(vocab_size), rows
+    self._since, self._count, self._said = None, 0, False
+
+  def check(self, step: int, loss: float, grad_norm: float) -> str | None:
+    """A one-line warning the first time the collapse has lasted `rows` logged steps; else None."""
+    collapsed = grad_norm == 0.0 and abs(loss - self.uniform_loss) < 1e-3 * self.uniform_loss
+    self._since, self._count = (self._since or step, self._count + 1) if collapsed else (None, 0)
+    if self._count < self.rows or self._said:
+      return None
+    self._said = True
+    return (
+        f"Warning: since step {self._since} the loss has stayed at ln(vocab_size) = {self.uniform_loss:.4f} with zero "
+        "gradients: the model has collapsed to a uniform distribution and will not learn again. Stop the run, lower "
+        "optimizer.learning_rate, and start again in a new workdir."
+    )
+
+
 class StepProfiler:
   """A jax.profiler trace of the steps first ... first + count - 1, written where TensorBoard's profile tab
   (tensorboard-plugin-profile) finds it: `directory`/plugins/profile/<time>/<host>.xplane.pb."""

@@ -13,6 +13,7 @@ from lm.data import tfds_builder
 
 def prepare(config) -> None:
   """Checks the config, then builds what is missing and says where it is."""
+  config_lib.resolve_paths(config)
   config_lib.validate(config, jax.device_count())
   if config.data.source == "synthetic":
     print("data.source=synthetic needs no preparation")

@@ -122,3 +122,17 @@ def trained_run(text_config, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("trained_run"))
   loop.train(config, workdir)
   return config, workdir
+
+
+# Started first, so that the two workers do not finish one of these alone at the end.
+LONGEST_TESTS = (
+    "test_shipped_config_fits_where_its_docstring_says",  # compiles Llama 8B and 1B for TPU slices
+    "test_kill_9_at_any_moment_then_rerun_equals_the_uninterrupted_run",
+    "test_two_processes_equal_one_and_checkpoints_cross_between_them",
+    "test_quickstart_cli_trains_on_the_builtin_corpus_and_writes_the_workdir",
+    "test_a_checkpoint_restores_onto_another_mesh",
+)
+
+
+def pytest_collection_modifyitems(items):
+  items.sort(key=lambda item: not any(name in item.nodeid for name in LONGEST_TESTS))

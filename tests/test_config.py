@@ -40,6 +40,19 @@ BAD_CONFIGS = [
     ({"optimizer.schedule": "step"}, "optimizer.schedule"),
     ({"optimizer.warmup_steps": 11}, "optimizer.warmup_steps"),  # train.steps=10
     ({"optimizer.no_weight_decay": ("norm", "kernel")}, "optimizer.no_weight_decay"),
+    ({"optimizer.learning_rate": float("nan")}, "optimizer.learning_rate"),
+    ({"optimizer.learning_rate": -1e-3}, "optimizer.learning_rate"),
+    ({"optimizer.learning_rate": float("inf")}, "optimizer.learning_rate"),
+    ({"optimizer.eps": -1e-8}, "optimizer.eps"),
+    ({"optimizer.eps": 0.0}, "optimizer.eps"),
+    ({"optimizer.b2": 1.0}, "optimizer.b2"),
+    ({"optimizer.weight_decay": float("nan")}, "optimizer.weight_decay"),
+    ({"optimizer.grad_clip_norm": -1.0}, "optimizer.grad_clip_norm"),
+    ({"optimizer.min_learning_rate_ratio": 2.0}, "optimizer.min_learning_rate_ratio"),
+    ({"model.norm_eps": -1e-5}, "model.norm_eps"),
+    ({"model.norm_eps": float("nan")}, "model.norm_eps"),
+    ({"model.init_std": 0.0}, "model.init_std"),
+    ({"train.z_loss_weight": -1.0}, "train.z_loss_weight"),
 ]
 
 
@@ -85,7 +98,10 @@ def test_mesh_shape_fills_minus_one_and_multiplies_dcn(tiny_config):
     "override, field",
     [
         ("--config.model.num_heads=5", "model.num_heads"),
-        ("--config.model.no_such_field=1", "--config.model.no_such_field"),
+        ("--config.model.no_such_field=1", "--config.model.no_such_field;"),
+        ("--config.model.num_layer=3", '--config.model.num_layer (did you mean "num_layers"?);'),  # no \' or \n
+        ("--config.modle.num_layers=3", '--config.modle.num_layers (did you mean "model"?);'),  # a section
+        ("--config.optimizer.learning_rate=nan", "optimizer.learning_rate: must be a finite number"),
     ],
 )
 def test_cli_reports_a_bad_config_in_one_line(tmp_path, override, field):
@@ -99,3 +115,10 @@ def test_cli_reports_a_bad_config_in_one_line(tmp_path, override, field):
   assert result.returncode != 0
   assert len(result.stderr.strip().splitlines()) == 1, result.stderr
   assert field in result.stderr
+
+
+def test_an_error_of_the_command_itself_is_not_called_an_unknown_field():
+  script = "from lm import cli\ndef broken():\n  raise AttributeError('no attribute shape')\ncli.run(broken)"
+  result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert "AttributeError: no attribute shape" in result.stderr and "unknown config field" not in result.stderr

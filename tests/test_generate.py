@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+import lm
 from lm import generate, sharding
 from lm.config import UserError
 from lm.models import Transformer
@@ -90,8 +91,9 @@ def test_only_ids_of_the_tokenizer_are_drawn(tiny_config):
         ({"max_new_tokens": 100}, "exceed model.max_seq_len"),
     ],
 )
-def test_bad_sampling_arguments_are_one_line_errors(tiny_config, knobs, message):
-  model, params, mesh, rules = _model_and_params(tiny_config("gpt2"), {"data": 8})
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_bad_sampling_arguments_are_one_line_errors(tiny_config, knobs, message, family):
+  model, params, mesh, rules = _model_and_params(tiny_config(family), {"data": 8})
   arguments = {"max_new_tokens": 4, "eos_id": -1, **knobs}
   with pytest.raises(UserError, match=re.escape(message)):
     generate.generate_ids(model, params, mesh, rules, PROMPTS, **arguments)
@@ -102,3 +104,16 @@ def test_a_top_k_past_the_vocabulary_keeps_every_token(tiny_config):
   unlimited = generate.generate_ids(model, params, mesh, rules, PROMPTS, max_new_tokens=5, eos_id=-1, top_k=0, seed=4)
   too_many = generate.generate_ids(model, params, mesh, rules, PROMPTS, max_new_tokens=5, eos_id=-1, top_k=10**6, seed=4)
   assert too_many == unlimited
+
+
+def test_a_prompt_that_is_not_utf8_is_a_one_line_error(trained_run):
+  import subprocess
+  import sys
+
+  _, workdir = trained_run
+  prompt = b"caf\xe9".decode("utf-8", "surrogateescape")  # what Python makes of a Latin-1 byte in argv
+  with pytest.raises(UserError, match=r"^prompt 2: text is not valid UTF-8 at character 4 \(byte 0xe9\)$"):
+    lm.load(workdir).generate(["fine", prompt], max_new_tokens=2)
+  result = subprocess.run([sys.executable, "-m", "lm.generate", f"--workdir={workdir}", b"--prompt=caf\xe9", "--max_new_tokens=2"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+  assert result.returncode == 1 and result.stderr.strip().splitlines() == [result.stderr.strip()]

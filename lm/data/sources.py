@@ -5,6 +5,7 @@ Its fingerprint changes when its documents may have changed, and only then.
 """
 
 import dataclasses
+import fnmatch
 import glob
 import hashlib
 import json
@@ -20,7 +21,16 @@ from lm.config import ConfigError
 TEXT_EXTENSIONS = (".txt", ".md", ".py", ".jsonl")
 _BUILTIN_SKIPPED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
-Document = tuple[str, bytes | str | None]  # (where it came from, its raw content; None if unreadable)
+
+
+@dataclasses.dataclass(frozen=True)
+class Unusable:
+  """In place of a document's content: why there is none (one of tfds_builder.SKIP_REASONS)."""
+
+  reason: str
+
+
+Document = tuple[str, bytes | str | Unusable]  # (where it came from, its raw content)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,24 +49,56 @@ def _hash(*parts) -> str:
 def _file_documents(paths: list[str], text_key: str) -> Iterator[Document]:
   """Each file is a document; each line of a .jsonl file is one, its text under `text_key`."""
   for path in paths:
-    with open(path, "rb") as f:
-      if not path.endswith(".jsonl"):
-        yield path, f.read()
+    try:
+      with open(path, "rb") as f:
+        content = f.read()
+    except OSError:  # no permission, a link to nothing, a file gone since it was listed
+      yield path, Unusable("unreadable")
+      continue
+    if not path.endswith(".jsonl"):
+      yield path, content
+      continue
+    for line_number, line in enumerate(content.splitlines(), 1):
+      if not line.strip():
         continue
-      for line_number, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        where = f"{path}:{line_number}"
-        try:
-          line.decode("utf-8")
-        except UnicodeDecodeError:
-          yield where, line  # the cleaner counts it as not UTF-8
-          continue
-        try:
-          text = json.loads(line)[text_key]
-        except (ValueError, KeyError, TypeError):
-          text = None
-        yield where, text if isinstance(text, str) else None
+      yield f"{path}:{line_number}", _jsonl_text(line, text_key)
+
+
+def _jsonl_text(line: bytes, text_key: str) -> bytes | str | Unusable:
+  """The text under `text_key` of one .jsonl line."""
+  try:
+    line.decode("utf-8")
+  except UnicodeDecodeError:
+    return line  # the cleaner counts it as not UTF-8
+  try:
+    record = json.loads(line)
+  except ValueError:
+    return Unusable("malformed")
+  if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+    return Unusable("missing_text_key")
+  return record[text_key]
+
+
+def _walk(root: str) -> Iterator[str]:
+  """Every file under `root`, each real file once: links are followed, but never into a folder already seen."""
+  seen_folders, seen_files = set(), set()
+  for directory, subdirectories, files in os.walk(root, followlinks=True):
+    folder = os.stat(directory)
+    if (folder.st_dev, folder.st_ino) in seen_folders:  # a link back into the tree: stop here
+      subdirectories[:] = []
+      continue
+    seen_folders.add((folder.st_dev, folder.st_ino))
+    subdirectories.sort()
+    for name in sorted(files):
+      path = os.path.join(directory, name)
+      try:
+        file = os.stat(path)
+      except OSError:  # a link to nothing: left for the reader to count as unreadable
+        yield path
+        continue
+      if (file.st_dev, file.st_ino) not in seen_files:
+        seen_files.add((file.st_dev, file.st_ino))
+        yield path
 
 
 def builtin() -> Source:
@@ -70,17 +112,29 @@ def builtin() -> Source:
   return Source(f"builtin-py{sys.version_info.major}{sys.version_info.minor}", fingerprint, lambda: _file_documents(paths, ""))
 
 
+def _size_and_time(path: str) -> tuple[int, float]:
+  """A file's size and modification time, which fingerprint it; (-1, -1) for a link to nothing."""
+  try:
+    status = os.stat(path)
+  except OSError:
+    return -1, -1.0
+  return status.st_size, status.st_mtime
+
+
 def text_files(pattern: str, text_key: str) -> Source:
   """Every .txt, .md, .py and .jsonl file under a directory (recursively) or matching a glob."""
   pattern = os.path.expanduser(pattern)
   if os.path.isdir(pattern):
-    candidates = glob.glob(os.path.join(pattern, "**", "*"), recursive=True)
+    candidates = list(_walk(pattern))
+  elif "**" in pattern:  # glob's ** would follow a link back into the tree forever
+    root = pattern.split("**")[0].rstrip(os.sep) or "."
+    candidates = [path for path in _walk(root) if fnmatch.fnmatch(path, pattern.replace("**" + os.sep, "*"))]
   else:
-    candidates = glob.glob(pattern, recursive=True)
-  paths = sorted(p for p in candidates if os.path.isfile(p) and p.endswith(TEXT_EXTENSIONS))
+    candidates = glob.glob(pattern)
+  paths = sorted(p for p in candidates if (os.path.isfile(p) or os.path.islink(p)) and p.endswith(TEXT_EXTENSIONS))
   if not paths:
     raise FileNotFoundError(f"data.source: no {', '.join(TEXT_EXTENSIONS)} files at {pattern}")
-  stats = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in paths]
+  stats = [(p, *_size_and_time(p)) for p in paths]
   slug = "text-" + "".join(c if c.isalnum() else "_" for c in os.path.basename(pattern.rstrip("/*")) or "files")[:40]
   return Source(slug, _hash("text", stats, text_key), lambda: _file_documents(paths, text_key))
 
@@ -105,8 +159,8 @@ def tfds_dataset(spec: str, data_dir: str, split: str, text_key: str) -> Source:
   def documents() -> Iterator[Document]:
     source = builder.as_data_source(split=split)
     for index in range(len(source)):
-      text = source[index][text_key]
-      yield f"{spec}[{index}]", text
+      example = source[index]
+      yield f"{spec}[{index}]", example[text_key] if text_key in example else Unusable("missing_text_key")
 
   fingerprint = _hash("tfds", builder.info.full_name, str(builder.data_dir), split, text_key)
   return Source("tfds-" + builder.info.full_name.replace("/", "_"), fingerprint, documents)

@@ -15,19 +15,21 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from lm import distributed
-from lm.config import ConfigError
+from lm.config import ConfigError, UserError
 from lm.data import sources, tokenizer as tokenizer_lib
 
 CHUNK_TOKENS = 4096
 SPLITS = ("train", "validation")
-SKIP_REASONS = ("binary", "non_utf8", "malformed", "empty")
+# Why a document was skipped: a file that could not be read, NUL bytes, not UTF-8, a .jsonl line that is not
+# JSON, or has no string under data.text_key, nothing but whitespace.
+SKIP_REASONS = ("unreadable", "binary", "non_utf8", "malformed", "missing_text_key", "empty")
 _ENCODE_BATCH_CHARS = 4_000_000  # documents tokenized together, in parallel threads
 
 
-def clean(raw: bytes | str | None) -> tuple[str | None, str | None]:
+def clean(raw: bytes | str | sources.Unusable) -> tuple[str | None, str | None]:
   """(text, None) for a usable document, else (None, reason) with reason in SKIP_REASONS."""
-  if raw is None:
-    return None, "malformed"
+  if isinstance(raw, sources.Unusable):
+    return None, raw.reason
   if isinstance(raw, bytes):
     if b"\x00" in raw:
       return None, "binary"
@@ -57,15 +59,28 @@ def split_of(text: str, validation_fraction: float) -> tuple[str, bytes]:
   return ("validation" if in_validation else "train"), digest[:16]
 
 
+def skipped(counts: collections.Counter) -> str:
+  """What was skipped and why, e.g. "3 unreadable, 2 missing_text_key", or "nothing"."""
+  return ", ".join(f"{counts[reason]:,} {reason}" for reason in SKIP_REASONS if counts.get(reason)) or "nothing"
+
+
 def whole_documents(source: sources.Source, counts: collections.Counter | None = None) -> Iterator[str]:
-  """The source's usable documents, cleaned; `counts` tallies what was skipped and why."""
+  """The source's usable documents, cleaned; `counts` tallies what was skipped and why.
+
+  A source with none is a ConfigError that says what was skipped.
+  """
   counts = collections.Counter() if counts is None else counts
+  usable = 0
   for _, raw in source.documents():
     text, reason = clean(raw)
     if reason:
       counts[reason] += 1
       continue
+    usable += 1
     yield text
+  if not usable:
+    missing_key = " (see data.text_key)" if counts.get("missing_text_key") else ""
+    raise ConfigError(f"data.source: {source.slug} has no usable documents; skipped {skipped(counts)}{missing_key}")
 
 
 def clean_documents(source: sources.Source, max_chars: int) -> Iterator[str]:
@@ -124,8 +139,6 @@ class TokenizedText(tfds.core.GeneratorBasedBuilder):
       found.add(split_of(text, self._validation_fraction)[0])
       if found == possible:
         break
-    if not found:
-      raise ConfigError(f"data.source: {self._source.slug} has no usable documents (all empty, binary or not UTF-8)")
     return [split for split in SPLITS if split in found]
 
   def _generate_examples(self, split: str):
@@ -217,7 +230,10 @@ def prepare(data: ml_collections.ConfigDict) -> tuple[tokenizer_lib.Tokenizer, T
 def load_or_train_tokenizer(data: ml_collections.ConfigDict, source: sources.Source, data_dir: str) -> tokenizer_lib.Tokenizer:
   """data.tokenizer if given, else the tokenizer trained on this source (trained now if missing)."""
   if data.tokenizer:
-    tokenizer = tokenizer_lib.Tokenizer(os.path.expanduser(data.tokenizer))
+    try:
+      tokenizer = tokenizer_lib.Tokenizer(os.path.expanduser(data.tokenizer))
+    except (OSError, UserError) as error:
+      raise ConfigError(f"data.tokenizer: {error}") from None
     tokenizer.check_lossless("data.tokenizer")
     return tokenizer
   sampling = hashlib.sha256(repr((data.tokenizer_sample_bytes, data.max_document_chars)).encode()).hexdigest()[:8]
@@ -234,6 +250,6 @@ def summary(builder: TokenizedText) -> str:
   """One line of what the build kept, skipped and split."""
   meta = builder.info.metadata
   kept = ", ".join(f"{split} {meta[f'{split}_documents']:,} documents / {meta[f'{split}_tokens']:,} tokens" for split in SPLITS)
-  skipped = ", ".join(f"{meta[reason]} {reason}" for reason in SKIP_REASONS if meta[reason])
+  counts = collections.Counter({reason: meta.get(reason, 0) for reason in SKIP_REASONS})  # older builds count fewer
   dropped = f"{sum(meta[f'{split}_duplicates'] for split in SPLITS)} exact duplicates dropped"
-  return f"Kept {kept}; skipped {skipped or 'nothing'}; {dropped}; {meta['split']} long documents split."
+  return f"Kept {kept}; skipped {skipped(counts)}; {dropped}; {meta['split']} long documents split."

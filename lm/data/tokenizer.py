@@ -12,7 +12,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import sentencepiece as spm
 
-from lm.config import ConfigError
+from lm.config import ConfigError, UserError
 
 # sentencepiece writes a space as U+2581 inside pieces and turns every U+2581 back into a space
 # when decoding, so a literal U+2581 in the text is encoded as its UTF-8 bytes instead.
@@ -29,14 +29,23 @@ class Tokenizer:
       model_proto = f.read()
     self.path = model_path
     self.fingerprint = hashlib.sha256(model_proto).hexdigest()[:12]
-    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    try:
+      self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    except (RuntimeError, ValueError):  # sentencepiece cannot parse it
+      raise UserError(f"{model_path} is not a sentencepiece model") from None
     self.vocab_size: int = self._sp.vocab_size()
     self.bos_id: int = self._sp.bos_id()
     self.eos_id: int = self._sp.eos_id()
     self._space_mark_ids = [self._sp.piece_to_id(f"<0x{byte:02X}>") for byte in _SPACE_MARK.encode()]
 
   def encode(self, text: str) -> list[int]:
-    """Token ids of `text` (no BOS or EOS added)."""
+    """Token ids of `text` (no BOS or EOS added); text that is not UTF-8 is a UserError."""
+    try:
+      text.encode("utf-8")
+    except UnicodeEncodeError as error:  # lone surrogates: from JSON escapes, or bytes that were not UTF-8
+      # Python keeps a byte that is not UTF-8 (in argv, say) as the surrogate U+DC00 + byte.
+      bad = " ".join(f"byte 0x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else f"U+{ord(c):04X}" for c in text[error.start : error.end])
+      raise UserError(f"text is not valid UTF-8 at character {error.start + 1} ({bad})") from None
     if _SPACE_MARK not in text:
       return self._sp.encode(text)
     ids = []
@@ -85,14 +94,18 @@ def train(
   """
 
   sampled_bytes = 0
+  failure = None  # an error reading the documents, which sentencepiece would report as its own
 
   def sample() -> Iterator[str]:
-    nonlocal sampled_bytes
-    for document in documents:
-      yield document
-      sampled_bytes += len(document.encode())
-      if sampled_bytes >= sample_bytes:
-        return
+    nonlocal sampled_bytes, failure
+    try:
+      for document in documents:
+        yield document
+        sampled_bytes += len(document.encode())
+        if sampled_bytes >= sample_bytes:
+          return
+    except Exception as error:
+      failure = error
 
   model = io.BytesIO()
   try:
@@ -119,9 +132,13 @@ def train(
         minloglevel=2,
     )
   except RuntimeError as error:  # sentencepiece's way of saying the vocabulary cannot hold the characters
+    if failure:
+      raise failure from None
     if sampled_bytes == 0:
       raise ConfigError("data.source: no usable documents to train a tokenizer on (all empty, binary or not UTF-8)") from None
     raise ConfigError(f"data.tokenizer_vocab_size: {vocab_size} pieces cannot be trained on this text ({error})") from None
+  if failure:  # sentencepiece took the documents read before it as all there were
+    raise failure
   os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
   partial_path = model_path + ".partial"
   with open(partial_path, "wb") as f:

@@ -1,16 +1,21 @@
 """Hugging Face checkpoints from the command line.
 
-    python -m lm.interop export --workdir=runs/quickstart [--step=N] --out=hf/quickstart
-    python -m lm.interop import hf/some_llama --workdir=runs/imported [--tokenizer=tokenizer.model]
+    python -m lm.interop export --workdir=runs/quickstart [--step=N] --out=hf/quickstart [--overwrite]
+    python -m lm.interop import hf/some_llama --workdir=runs/imported [--tokenizer=tokenizer.model] [--overwrite]
 
 `export` writes what transformers' from_pretrained loads (LlamaForCausalLM or GPT2LMHeadModel,
 safetensors, the tokenizer as a LlamaTokenizer). `import` writes an lm run: config.json, a
 checkpoint at step 0 and the tokenizer, which lm.load / lm.evaluate / lm.generate read and
 `python -m lm.train --config=configs/from_run.py:WORKDIR` continues.
+
+Neither writes into a folder that holds anything unless --overwrite is given, and neither ever
+writes into the folder it reads. An export is written beside its --out and moved there when
+complete, so a failed one leaves the old folder as it was.
 """
 
 import os
 import shutil
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +23,8 @@ import ml_collections
 from absl import app, flags
 
 from lm import cli, distributed, inference, sharding
-from lm.config import DEFAULT_CONFIG_FILE, load_config_file
+from lm import workdir as workdir_lib
+from lm.config import DEFAULT_CONFIG_FILE, UserError, absolute_path, load_config_file
 from lm.interop import hf
 from lm.models import Transformer
 from lm.train import checkpoint, optimizer, state as state_lib
@@ -27,29 +33,75 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "The lm run: read by export, wri
 _STEP = flags.DEFINE_integer("step", None, "export: the checkpoint step; default the latest.")
 _OUT = flags.DEFINE_string("out", None, "export: the Hugging Face directory to write.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "import: a sentencepiece .model, if the checkpoint has none.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace what the --out (export) or --workdir (import) folder holds.")
 
 
-def export(workdir: str, step: int | None, out_dir: str) -> None:
+def _contains(outer: str, inner: str) -> bool:
+  """Whether absolute path `inner` is `outer` or lies inside it."""
+  return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
+
+
+def _refuse_overlap(target: str, source: str, flag: str, source_name: str) -> None:
+  """Refuses to write `target` where it would write over `source`, which is being read."""
+  if _contains(target, source) or _contains(source, target):
+    raise UserError(f"{flag}={target} would write over {source_name} {source}, which is being read; choose another folder")
+
+
+def _refuse_contents(target: str, flag: str, overwrite: bool, ignored: tuple[str, ...] = ()) -> list[str]:
+  """What folder `target` holds (besides `ignored`); refused unless `overwrite`."""
+  if os.path.exists(target) and not os.path.isdir(target):
+    raise UserError(f"{flag}={target} is a file, not a folder")
+  contents = sorted(set(os.listdir(target)) - set(ignored)) if os.path.isdir(target) else []
+  if contents and not overwrite:
+    raise UserError(f"{flag}={target} is not empty; pass --overwrite to replace what it holds, or choose a new folder")
+  return contents
+
+
+def export(workdir: str, step: int | None, out_dir: str, overwrite: bool = False) -> None:
   """Writes the run's checkpoint as a transformers model directory."""
+  workdir, out_dir = absolute_path(workdir), absolute_path(out_dir)
+  _refuse_overlap(out_dir, workdir, "--out", "the run")
+  _refuse_contents(out_dir, "--out", overwrite)
   loaded = inference.load(workdir, step)
   tokenizer = loaded.tokenizer
-  if tokenizer:
-    hf.save(loaded.config.model, loaded.params, out_dir, tokenizer.path, tokenizer.eos_id, tokenizer.vocab_size)
-  else:
-    hf.save(loaded.config.model, loaded.params, out_dir)
+  os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+  partial = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".partial-", dir=os.path.dirname(out_dir))
+  try:
+    if tokenizer:
+      hf.save(loaded.config.model, loaded.params, partial, tokenizer.path, tokenizer.eos_id, tokenizer.vocab_size)
+    else:
+      hf.save(loaded.config.model, loaded.params, partial)
+    if os.path.isdir(out_dir):  # --overwrite: only now that the new files are complete
+      shutil.rmtree(out_dir)
+    os.rename(partial, out_dir)
+  finally:
+    shutil.rmtree(partial, ignore_errors=True)
   distributed.log(f"Exported step {loaded.step} of {workdir} to {out_dir} ({loaded.config.model.family})")
 
 
-def import_checkpoint(hf_dir: str, workdir: str, tokenizer_path: str | None) -> None:
+def import_checkpoint(hf_dir: str, workdir: str, tokenizer_path: str | None, overwrite: bool = False) -> None:
   """Writes an lm run whose step-0 checkpoint holds the transformers model's weights."""
+  hf_dir, workdir = absolute_path(hf_dir), absolute_path(workdir)
+  _refuse_overlap(workdir, hf_dir, "--workdir", "the Hugging Face folder")
   model_config, params = hf.load(hf_dir)
+  with workdir_lib.Lock(workdir, "import"):  # a run training there, or another import, is refused by name
+    for name in _refuse_contents(workdir, "--workdir", overwrite, ignored=(workdir_lib.LOCK_FILE,)):
+      path = os.path.join(workdir, name)
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      else:
+        os.remove(path)
+    _write_run(hf_dir, workdir, model_config, params, tokenizer_path)
+
+
+def _write_run(hf_dir: str, workdir: str, model_config, params, tokenizer_path: str | None) -> None:
+  """The run of an import: tokenizer, a step-0 checkpoint, config.json."""
   config = load_config_file(DEFAULT_CONFIG_FILE)
   config.model = model_config
-  os.makedirs(workdir, exist_ok=True)
-  tokenizer_path = tokenizer_path or os.path.join(hf_dir, "tokenizer.model")
+  tokenizer_path = absolute_path(tokenizer_path) if tokenizer_path else os.path.join(hf_dir, "tokenizer.model")
   if os.path.isfile(tokenizer_path):
-    shutil.copyfile(tokenizer_path, os.path.join(workdir, inference.TOKENIZER_FILE))
-    config.data.tokenizer = os.path.abspath(os.path.join(workdir, inference.TOKENIZER_FILE))
+    shutil.copyfile(tokenizer_path, os.path.join(workdir, workdir_lib.TOKENIZER_FILE))
+    config.data.tokenizer = os.path.join(workdir, workdir_lib.TOKENIZER_FILE)
   else:
     distributed.log(f"No sentencepiece tokenizer ({tokenizer_path}); pass --tokenizer to evaluate or train on text")
 
@@ -59,13 +111,13 @@ def import_checkpoint(hf_dir: str, workdir: str, tokenizer_path: str | None) -> 
   tx, _ = optimizer.make(config.optimizer, config.train.steps)
   abstract = state_lib.abstract_state(model, tx, mesh, axis_rules)
   params = jax.device_put(params, state_lib.shardings_of(abstract).params)
-  opt_state = jax.jit(tx.init, out_shardings=state_lib.shardings_of(abstract).opt_state)(params)
+  opt_state = jax.jit(lambda params: tx.init(optimizer.to_float32(params)), out_shardings=state_lib.shardings_of(abstract).opt_state)(params)
   state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
-  checkpoints = checkpoint.manager(workdir, config.checkpoint)
-  data = {"dataset": f"imported from {os.path.abspath(hf_dir)}", "seed": config.data.seed, "next_step": 0}
-  checkpoint.save(checkpoints, 0, state, data, config, {"tokens_seen": 0, "train_seconds": 0.0})
-  checkpoints.wait_until_finished()
-  with open(os.path.join(workdir, "config.json"), "w") as f:
+  saver = checkpoint.Saver(checkpoint.manager(workdir, config.checkpoint))
+  data = {"dataset": f"imported from {hf_dir}", "seed": config.data.seed, "next_step": 0}
+  saver.save(0, state, data, config, {"tokens_seen": 0, "train_seconds": 0.0})
+  saver.finish()
+  with open(os.path.join(workdir, workdir_lib.CONFIG_FILE), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
   distributed.log(
       f"Imported {hf_dir} ({config.model.family}, {sum(p.size for p in jax.tree.leaves(params)):,} parameters) into {workdir}.\n"
@@ -78,12 +130,12 @@ def main(args: list[str]) -> None:
     raise app.UsageError("python -m lm.interop export --workdir=DIR --out=HF_DIR | import HF_DIR --workdir=DIR")
   if args[0] == "export":
     if len(args) != 1 or not _OUT.value:
-      raise app.UsageError("python -m lm.interop export --workdir=DIR [--step=N] --out=HF_DIR")
-    export(_WORKDIR.value, _STEP.value, _OUT.value)
+      raise app.UsageError("python -m lm.interop export --workdir=DIR [--step=N] --out=HF_DIR [--overwrite]")
+    export(_WORKDIR.value, _STEP.value, _OUT.value, _OVERWRITE.value)
   else:
     if len(args) != 2:
-      raise app.UsageError("python -m lm.interop import HF_DIR --workdir=DIR [--tokenizer=PATH]")
-    import_checkpoint(args[1], _WORKDIR.value, _TOKENIZER.value)
+      raise app.UsageError("python -m lm.interop import HF_DIR --workdir=DIR [--tokenizer=PATH] [--overwrite]")
+    import_checkpoint(args[1], _WORKDIR.value, _TOKENIZER.value, _OVERWRITE.value)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,23 @@
-"""Orbax checkpoints of a run: async saves, restoring onto any mesh, starting from another run, preemption.
+"""Orbax checkpoints of a run: async saves, verified restores onto any mesh, starting from another run, preemption.
 
 A checkpoint holds four items: the TrainState, the data position, the config and metadata
 (step, tokens seen, training seconds, lm version). Orbax writes each step into a temporary
 directory and renames it when complete, so a checkpoint interrupted mid-write is never restored.
+
+Once a step is complete, the SHA-256 of each of its files goes into its DIGESTS_FILE; a restore
+checks them first. A damaged step (a file changed, cut short or gone) is set aside as
+damaged-STEP-TIME and the step before it restored instead.
 """
 
+import contextlib
 import dataclasses
+import hashlib
 import json
+import logging as logging_lib
 import os
+import re
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -16,13 +25,15 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 
 import lm
 from lm import distributed
-from lm.config import ConfigError, UserError
+from lm.config import ConfigError, UserError, absolute_path
 from lm.train.state import TrainState
 
 ITEMS = ("state", "data", "config", "metadata")
+DIGESTS_FILE = "lm_digests.json"
 
 
 def _json_handlers() -> dict[str, ocp.JsonCheckpointHandler]:
@@ -31,7 +42,7 @@ def _json_handlers() -> dict[str, ocp.JsonCheckpointHandler]:
 
 def directory(workdir: str) -> str:
   """Where a run's checkpoints live."""
-  return os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
+  return os.path.join(absolute_path(workdir), "checkpoints")
 
 
 def manager(workdir: str, checkpoint: ml_collections.ConfigDict) -> ocp.CheckpointManager:
@@ -68,6 +79,155 @@ def save(
   )
 
 
+def _step_dir(checkpoints: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(str(checkpoints.directory), str(step))
+
+
+def _file_digests(step_dir: str) -> dict[str, str]:
+  """SHA-256 of every file of a step folder, by path inside it."""
+  digests = {}
+  for directory, _, files in os.walk(step_dir):
+    for name in sorted(files):
+      path = os.path.join(directory, name)
+      relative = os.path.relpath(path, step_dir)
+      if relative != DIGESTS_FILE:
+        with open(path, "rb") as f:
+          digests[relative] = hashlib.file_digest(f, "sha256").hexdigest()
+  return digests
+
+
+def write_digests(checkpoints: ocp.CheckpointManager) -> None:
+  """Writes the digests of every complete step that has none yet (process 0; call when no save is running)."""
+  if jax.process_index() != 0:
+    return
+  for step in checkpoints.all_steps():
+    step_dir = _step_dir(checkpoints, step)
+    path = os.path.join(step_dir, DIGESTS_FILE)
+    if os.path.exists(path):
+      continue
+    try:
+      digests = _file_digests(step_dir)
+      with open(path + ".partial", "w") as f:
+        json.dump(digests, f)
+      os.replace(path + ".partial", path)
+    except FileNotFoundError:  # the step was deleted meanwhile (by hand)
+      continue
+
+
+class _NotFromOrbax(logging_lib.Filter):
+  def filter(self, record: logging_lib.LogRecord) -> bool:
+    return record.levelno < logging_lib.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def _quiet_orbax_errors() -> None:
+  """Keeps the tracebacks of a failed save off the terminal (once per process): those Orbax logs from its
+  background threads, and those of its writers that find their event loop closed after the failure."""
+  handler = logging.get_absl_handler()
+  if any(isinstance(f, _NotFromOrbax) for f in handler.filters):
+    return
+  handler.addFilter(_NotFromOrbax())
+  report = sys.unraisablehook
+
+  def unraisable(unraisable) -> None:
+    closed_loop = isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)
+    orbax_writer = f"{os.sep}orbax{os.sep}" in getattr(getattr(unraisable.object, "cr_code", None), "co_filename", "")
+    if not (closed_loop or orbax_writer):
+      report(unraisable)
+
+  sys.unraisablehook = unraisable
+
+
+class Saver:
+  """Saves checkpoints in the background, records their digests between saves (so hashing a large
+  checkpoint never stalls training), and turns a failed save (a full disk, storage gone) into one
+  line as soon as it is noticed."""
+
+  def __init__(self, checkpoints: ocp.CheckpointManager):
+    self.checkpoints = checkpoints
+    _quiet_orbax_errors()  # the Saver reports a failed save itself, in one line
+    self._digests: threading.Thread | None = None
+    self._digests_due = True  # steps saved before this run may lack digests too
+    self._step: int | None = None  # the step of the latest save
+    self._checked = True  # whether the latest save is known to have worked
+
+  def save(self, step: int, *args, **kwargs) -> None:
+    """`save(checkpoints, step, ...)`, once the digests being written are done (the save may delete old steps)."""
+    if self._digests:
+      self._digests.join()
+    with self._reporting_failures():  # Orbax waits for the previous save first, and raises if it failed
+      save(self.checkpoints, step, *args, **kwargs)
+    self._step, self._checked = step, False
+    self._digests_due = True
+
+  def after_step(self) -> None:
+    """Cheap, after every step: reports a save that has failed; starts writing digests if they are due."""
+    if self.checkpoints.is_saving_in_progress():
+      return
+    if not self._checked:  # the latest save has ended: it worked if its step folder is there
+      self._checked = True
+      if not os.path.isdir(_step_dir(self.checkpoints, self._step)):
+        self.finish()  # raises the failure
+    writing = self._digests is not None and self._digests.is_alive()
+    if self._digests_due and not writing:
+      self._digests_due = False
+      self._digests = threading.Thread(target=write_digests, args=(self.checkpoints,), name="digests", daemon=True)
+      self._digests.start()
+
+  def finish(self) -> None:
+    """Waits for the saves and the digests, and writes those still due."""
+    with self._reporting_failures():
+      self.checkpoints.wait_until_finished()
+    if self._digests:
+      self._digests.join()
+    write_digests(self.checkpoints)
+
+  @contextlib.contextmanager
+  def _reporting_failures(self):
+    """A failed save becomes one UserError."""
+    try:
+      yield
+    except Exception as error:
+      raise self._failed(error) from None
+
+  def _failed(self, error: Exception) -> UserError:
+    earlier = [step for step in self.checkpoints.all_steps() if self._step is None or step < self._step]
+    kept = f"the checkpoint of step {max(earlier)} is intact" if earlier else "no earlier checkpoint was kept"
+    message = " ".join(str(error).split())
+    system_error = re.search(r"Failed to write [^:]*: ([^\[]+)", message)  # TensorStore's words for ENOSPC, EFBIG ...
+    reason = system_error.group(1).strip() if system_error else message[:300]
+    return UserError(
+        f"saving step {self._step} in {self.checkpoints.directory} failed ({reason}); {kept}. Free space or fix the "
+        "storage, then rerun the same command to resume"
+    )
+
+
+def damage(checkpoints: ocp.CheckpointManager, step: int) -> str | None:
+  """What is wrong with a step's files compared with its digests; None when they match (or it has none yet)."""
+  step_dir = _step_dir(checkpoints, step)
+  try:
+    with open(os.path.join(step_dir, DIGESTS_FILE)) as f:
+      expected = json.load(f)
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError):
+    return f"its {DIGESTS_FILE} is unreadable"
+  found = _file_digests(step_dir)
+  for name, digest in sorted(expected.items()):
+    if name not in found:
+      return f"{name} is missing"
+    if found[name] != digest:
+      return f"{name} has changed since it was saved"
+  return None
+
+
+def _set_aside(checkpoints: ocp.CheckpointManager, step: int) -> str:
+  """Renames a damaged step's folder out of Orbax's sight (kept for inspection); returns the new path."""
+  damaged = os.path.join(str(checkpoints.directory), f"damaged-{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+  os.rename(_step_dir(checkpoints, step), damaged)
+  checkpoints.reload()
+  return damaged
+
+
 @dataclasses.dataclass
 class Restored:
   """A checkpoint read back: the state on the current mesh, and the JSON items."""
@@ -79,39 +239,78 @@ class Restored:
 
 
 def restore_latest(checkpoints: ocp.CheckpointManager, abstract_state: TrainState) -> Restored | None:
-  """The newest complete checkpoint, read directly into `abstract_state`'s shardings; None if there is none."""
-  step = checkpoints.latest_step()
-  if step is None:
-    return None
+  """The newest intact checkpoint, read directly into `abstract_state`'s shardings; None if there is none.
+
+  A damaged step is set aside with a warning and the one before it tried; when every step is
+  damaged, a UserError names them.
+  """
+  damaged = []
+  for step in sorted(checkpoints.all_steps(), reverse=True):
+    problem = damage(checkpoints, step) if jax.process_index() == 0 else None
+    if problem is None:
+      try:
+        return _restore(checkpoints, step, abstract_state)
+      except UserError:
+        raise
+      except Exception as error:  # Orbax and TensorStore raise many types for files cut short or gone
+        if jax.process_count() > 1:
+          raise
+        problem = "it cannot be read: " + " ".join(str(error).split())[:200]
+    moved = _set_aside(checkpoints, step)
+    distributed.log(f"Warning: checkpoint step {step} is damaged ({problem}); it is set aside as {moved}")
+    damaged.append(step)
+  if damaged:
+    raise UserError(
+        f"every checkpoint in {checkpoints.directory} was damaged (steps {', '.join(map(str, damaged))}, set aside as "
+        "damaged-*): start again with a new --workdir, or move the checkpoints folder away to start over in this one"
+    )
+  return None
+
+
+def _restore(checkpoints: ocp.CheckpointManager, step: int, abstract_state: TrainState) -> Restored:
+  """Step `step`, after checking that it holds this model."""
   mismatch = _first_mismatch(checkpoints, step, {"params": abstract_state.params})
   if mismatch:
     raise UserError(
         f"{checkpoints.directory} holds a checkpoint of another model: {mismatch}. Resume with the run's own "
         "config (--config=configs/from_run.py:WORKDIR), use a new --workdir, or start from it with checkpoint.init_from"
     )
-  restored = checkpoints.restore(
-      step,
-      args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
-          data=ocp.args.JsonRestore(),
-          metadata=ocp.args.JsonRestore(),
-      ),
-  )
+  try:
+    restored = checkpoints.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(),
+            metadata=ocp.args.JsonRestore(),
+        ),
+    )
+  except ValueError as error:
+    if "tree structures do not match" not in str(error):
+      raise
+    raise UserError(
+        f"{checkpoints.directory} holds the optimizer state of another optimizer (optimizer.grad_clip_norm turned on "
+        "or off?): resume with the run's own optimizer settings, or start a new --workdir from it with checkpoint.init_from"
+    ) from None
   return Restored(step, restored["state"], restored["data"], restored["metadata"])
 
 
 def read_only_manager(path: str) -> ocp.CheckpointManager:
   """A manager for reading the checkpoints of a run's workdir (or of its checkpoints directory)."""
-  path = os.path.abspath(os.path.expanduser(path))
+  path = absolute_path(path)
   if os.path.isdir(os.path.join(path, "checkpoints")):
     path = os.path.join(path, "checkpoints")
   if not os.path.isdir(path):
     raise FileNotFoundError(f"no checkpoints at {path}")
-  return ocp.CheckpointManager(
-      path,
-      options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False),
-      item_handlers={"state": ocp.PyTreeCheckpointHandler(), **_json_handlers()},  # the state handler reads subtrees
-  )
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # Orbax warns that the directory is read only, which is what is asked
+  try:
+    return ocp.CheckpointManager(
+        path,
+        options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(), **_json_handlers()},  # the state handler reads subtrees
+    )
+  finally:
+    logging.set_verbosity(verbosity)
 
 
 def _first_mismatch(checkpoints: ocp.CheckpointManager, step: int, target: dict[str, Any]) -> str | None:
@@ -136,6 +335,10 @@ def restore_parts(checkpoints: ocp.CheckpointManager, step: int | None, target: 
   step = checkpoints.latest_step() if step is None else step
   if step is None or step not in checkpoints.all_steps():
     raise FileNotFoundError(f"{field}: no checkpoint {'' if step is None else step} in {checkpoints.directory}")
+  problem = damage(checkpoints, step)
+  if problem:
+    others = [other for other in checkpoints.all_steps() if other != step]
+    raise UserError(f"checkpoint step {step} in {checkpoints.directory} is damaged ({problem}); kept steps: {others}")
   mismatch = _first_mismatch(checkpoints, step, target)
   if mismatch:
     raise ConfigError(f"{field}: {mismatch}")

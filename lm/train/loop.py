@@ -1,5 +1,6 @@
 """The training loop: ties config, mesh, state, data, step and metrics together."""
 
+import contextlib
 import dataclasses
 import filecmp
 import functools
@@ -16,7 +17,8 @@ import optax
 from jax.sharding import Mesh
 
 from lm import config as config_lib
-from lm import distributed, inference, sharding
+from lm import distributed, sharding
+from lm import workdir as workdir_lib
 from lm import evaluate as evaluate_lib
 from lm import metrics as metrics_lib
 from lm.data import pipeline, tfds_builder, tokenizer as tokenizer_lib
@@ -70,6 +72,7 @@ def setup(
   model.vocab_multiple.
   """
   devices = list(jax.devices() if devices is None else devices)
+  config_lib.resolve_paths(config)
   config_lib.validate(config, len(devices))
   tokenizer, dataset = None, None
   if prepare_data and config.data.source != "synthetic":
@@ -119,7 +122,7 @@ def _keep_tokenizer(tokenizer: tokenizer_lib.Tokenizer, workdir: str, resuming: 
 
   A resumed run must go on with the tokenizer its checkpoints were trained with.
   """
-  kept_path = os.path.join(os.path.abspath(workdir), inference.TOKENIZER_FILE)
+  kept_path = os.path.join(workdir, workdir_lib.TOKENIZER_FILE)
   if resuming and os.path.isfile(kept_path):
     if not filecmp.cmp(kept_path, tokenizer.path, shallow=False):
       raise config_lib.ConfigError(
@@ -132,15 +135,26 @@ def _keep_tokenizer(tokenizer: tokenizer_lib.Tokenizer, workdir: str, resuming: 
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Trains `config` for config.train.steps steps under `workdir`, resuming from its latest checkpoint."""
+  """Trains `config` for config.train.steps steps under `workdir`, resuming from its latest checkpoint.
+
+  The workdir is locked while training (by process 0 of several): a second trainer is refused.
+  """
+  workdir = config_lib.absolute_path(workdir)
   run = setup(config)  # before config.json is written: it fills in the vocabulary size
-  os.makedirs(workdir, exist_ok=True)
+  lock = workdir_lib.Lock(workdir, "training") if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock:
+    _train(config, workdir, run)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, run: TrainSetup) -> None:
+  """`train`, with the workdir locked."""
   checkpoints = checkpoint.manager(workdir, config.checkpoint)
+  saver = checkpoint.Saver(checkpoints)
   restored = checkpoint.restore_latest(checkpoints, run.abstract_state)
   if run.tokenizer:
     _keep_tokenizer(run.tokenizer, workdir, resuming=restored is not None)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    with open(os.path.join(workdir, workdir_lib.CONFIG_FILE), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
   evaluating = bool(config.eval.every) and run.dataset is not None
   if config.eval.every and not evaluating:
@@ -179,13 +193,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
   started = time.perf_counter()
 
   def save(step: int) -> None:
+    if not state_lib.is_finite(state):  # never saved: the checkpoints kept so far stay as they are
+      saver.finish()
+      raise TrainingError(
+          f"after step {step} the parameters or optimizer state hold NaN or Inf, so they were not saved; the last "
+          f"checkpoint, step {checkpoints.latest_step()}, is intact. Lower optimizer.learning_rate (or look at the data "
+          "of the steps since) and rerun to resume from it."
+      )
     metadata = {
         "tokens_seen": progress["tokens_seen"] + (step - start_step) * tokens_per_step,
         "train_seconds": progress["train_seconds"] + time.perf_counter() - started,
     }
-    checkpoint.save(checkpoints, step, state, data_position(config, run, step), config, metadata)
+    saver.save(step, state, data_position(config, run, step), config, metadata)
 
   eval_results = {}  # step -> eval metrics, written with that step's row
+  collapse = metrics_lib.CollapseDetector(config.model.vocab_size)
 
   def settle(settled_step: int, device_metrics: dict[str, jax.Array], always_log: bool = False) -> None:
     """Logs a finished step's metrics when due, and stops a run whose gradients stay non-finite."""
@@ -193,9 +215,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
       host_metrics = jax.device_get(device_metrics)  # waits for that step to finish
       rates = throughput.measure(settled_step, tokens_per_step)
       writer.write(settled_step, {**host_metrics, **rates, **eval_results.pop(settled_step, {})})
+      warning = collapse.check(settled_step, float(host_metrics["loss"]), float(host_metrics["grad_norm"]))
+      if warning:
+        distributed.log(warning)
     bad_in_a_row = int(device_metrics["bad_steps_in_a_row"])
     if bad_in_a_row >= config.train.max_bad_steps:
-      checkpoints.wait_until_finished()
+      saver.finish()
       raise TrainingError(
           f"{bad_in_a_row} steps in a row up to step {settled_step} had NaN or Inf gradients and were skipped; "
           f"stopped. The last checkpoint is step {checkpoints.latest_step()}. Lower optimizer.learning_rate, "
@@ -211,6 +236,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
       profiler.before_step(step)
       state, step_metrics = run.train_step(state, next(batches), jax.random.fold_in(step_rng, step))
       profiler.after_step(step, step_metrics)
+      saver.after_step()
       if previous is not None:
         settle(*previous)
       done = step + 1
@@ -226,11 +252,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
         previous = None
         save(done)
       if stopping:
-        checkpoints.wait_until_finished()
+        saver.finish()
         writer.close()
         raise SystemExit(
             f"Stopped by {preemption.signal_name} after step {done}: checkpoint saved in {checkpoints.directory}. "
             "Rerun the same command to resume."
         )
-  checkpoints.wait_until_finished()
+  saver.finish()
   writer.close()

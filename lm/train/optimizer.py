@@ -1,9 +1,11 @@
 """The optax optimizer from `config.optimizer`: global-norm clipping, then AdamW on a schedule.
 
-Updates from non-finite gradients are skipped (optax.apply_if_finite).
+Updates from non-finite gradients are skipped (optax.apply_if_finite). The optimizer sees the
+parameters in float32 (to_float32) and keeps its state in float32, whatever their storage dtype.
 """
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -53,6 +55,11 @@ def weight_decay_mask(params, no_weight_decay: tuple[str, ...]):
   """A pytree of bools like `params`: True where AdamW applies weight decay."""
   excluded = set(no_weight_decay)
   return jax.tree_util.tree_map_with_path(lambda path, _: not (parameter_kind(path) & excluded), params)
+
+
+def to_float32(params):
+  """The parameters in float32 (those already float32 unchanged): what the optimizer works on."""
+  return jax.tree.map(lambda leaf: leaf.astype(jnp.float32), params)
 
 
 def make(opt: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:

@@ -10,6 +10,7 @@ import optax
 from jax.sharding import Mesh
 
 from lm import sharding
+from lm.train import optimizer
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -29,7 +30,7 @@ def _init_params_boxed(model: nn.Module, rng: jax.Array):
 def _init_boxed(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
   """The initial state with parameters still wrapped in their logical-axis metadata."""
   params = _init_params_boxed(model, rng)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(optimizer.to_float32(params)))
 
 
 def _abstract(init_boxed, mesh: Mesh, axis_rules: sharding.Rules):
@@ -64,3 +65,13 @@ def init(model: nn.Module, tx: optax.GradientTransformation, abstract: TrainStat
   """A fresh state; the init runs under jit with out_shardings, so each device makes only its shard."""
   make = jax.jit(lambda rng: nn.unbox(_init_boxed(model, tx, rng)), out_shardings=shardings_of(abstract))
   return make(jax.random.key(seed))
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+
+
+def is_finite(state: TrainState) -> bool:
+  """Whether every parameter and optimizer-state value is finite (no NaN, no Inf)."""
+  return bool(_all_finite(state))

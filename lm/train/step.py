@@ -101,19 +101,25 @@ def train_step(
     num_microbatches: int,
     z_loss_weight: float,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer update on the global batch, accumulating gradients over microbatches weighted by token count."""
+  """One optimizer update on the global batch, accumulating gradients over microbatches weighted by token count.
+
+  Gradients, the optimizer's state and its update are float32 whatever model.param_dtype stores
+  the parameters in: bfloat16 or float16 gradients of a sum over many tokens would lose their small
+  entries and overflow the large ones. The updated parameters are rounded back to their dtype.
+  """
   grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+  params_f32 = optimizer.to_float32(state.params)
 
   def accumulate(totals, microbatch_and_index):
     microbatch, index = microbatch_and_index
     (_, (cross_entropy_sum, weight_sum)), grads = grad_fn(
-        state.params, model, microbatch, jax.random.fold_in(rng, index), z_loss_weight
+        params_f32, model, microbatch, jax.random.fold_in(rng, index), z_loss_weight
     )
     grad_sums, total_cross_entropy, total_weight = totals
     grad_sums = jax.tree.map(jnp.add, grad_sums, grads)
     return (grad_sums, total_cross_entropy + cross_entropy_sum, total_weight + weight_sum), None
 
-  zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+  zeros = (jax.tree.map(jnp.zeros_like, params_f32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
   microbatches = split_microbatches(batch, num_microbatches)
   (grad_sums, cross_entropy_sum, weight_sum), _ = jax.lax.scan(
       accumulate, zeros, (microbatches, jnp.arange(num_microbatches))
@@ -121,8 +127,8 @@ def train_step(
   num_tokens = jnp.maximum(weight_sum, 1.0)  # a batch of padding only must not divide by zero
   grads = jax.tree.map(lambda g: g / num_tokens, grad_sums)
 
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  updates, opt_state = tx.update(grads, state.opt_state, params_f32)
+  params = optax.apply_updates(state.params, updates)  # in float32, rounded to each parameter's dtype
   bad_steps_in_a_row, bad_steps = optimizer.bad_steps(opt_state)
   metrics = {
       "loss": cross_entropy_sum / num_tokens,

@@ -14,7 +14,8 @@ from lm.data import sources, tfds_builder
 
 @pytest.fixture(scope="module")
 def messy_dir(tmp_path_factory):
-  """Good documents next to a duplicate, a near-duplicate, binary, empty, latin-1, long and JSON lines."""
+  """Good documents next to a duplicate, a near-duplicate, binary, empty, latin-1, long and JSON lines, a link to
+  nothing, a link to a file, and a link back to the top."""
   root = tmp_path_factory.mktemp("messy")
   good = [f"good document number {i}\nwith two lines {i * 7}\n" for i in range(30)]
   for i, text in enumerate(good):
@@ -28,6 +29,10 @@ def messy_dir(tmp_path_factory):
   (root / "latin1.txt").write_bytes("café crème brûlée".encode("latin-1"))  # not UTF-8
   (root / "long.py").write_text("x = 1\n" * 500)  # 3000 chars: split into 3 pieces of 1000
   (root / "notes.bin").write_bytes(b"\x00\x01")  # not a text extension: never read
+  (root / "gone.txt").symlink_to(root / "nowhere.txt")  # a link to nothing: unreadable
+  (root / "linked").mkdir()
+  (root / "linked" / "same_as_good2.txt").symlink_to(root / "good2.txt")  # the same file: read once
+  (root / "linked" / "back_to_the_top").symlink_to(root, target_is_directory=True)  # a loop: not followed
   lines = [json.dumps({"text": "a json document"}), "{not json", json.dumps({"body": "wrong key"}), "", json.dumps({"text": "another one"})]
   latin1_line = json.dumps({"text": "café"}, ensure_ascii=False).encode("latin-1")  # not UTF-8
   (root / "records.jsonl").write_bytes(("\n".join(lines) + "\n").encode() + latin1_line + b"\n")
@@ -65,12 +70,13 @@ def _stream_documents(builder, tokenizer, split):
 def test_counts_what_was_skipped_split_and_deduplicated(built):
   _, _, builder = built
   meta = builder.info.metadata
-  assert (meta["binary"], meta["non_utf8"], meta["empty"], meta["malformed"], meta["split"]) == (1, 2, 2, 2, 1)
+  counts = [meta[name] for name in ("unreadable", "binary", "non_utf8", "empty", "malformed", "missing_text_key", "split")]
+  assert counts == [1, 1, 2, 2, 1, 1, 1]
   assert meta["train_duplicates"] + meta["validation_duplicates"] == 1
   # 30 good + near-duplicate + windows + 3 pieces of long.py + 2 JSON documents
   assert meta["train_documents"] + meta["validation_documents"] == 37
   assert meta["train_documents"] > 0 and meta["validation_documents"] > 0
-  assert "1 binary, 2 non_utf8, 2 malformed, 2 empty" in tfds_builder.summary(builder)
+  assert "1 unreadable, 1 binary, 2 non_utf8, 1 malformed, 1 missing_text_key, 2 empty" in tfds_builder.summary(builder)
 
 
 def test_streams_hold_exactly_the_cleaned_documents_once(built, messy_dir):
@@ -198,9 +204,28 @@ def test_a_vocabulary_too_small_for_the_characters_names_the_field(tiny_config, 
     tfds_builder.prepare(config.data)
 
 
-def test_a_source_with_no_usable_document_is_a_one_line_error(tiny_config, tmp_path):
+def test_a_source_with_no_usable_documents_says_what_was_skipped(tmp_path, tiny_config):
+  """Whether a tokenizer is trained on it or given: one line, not one blaming the vocabulary size."""
   (tmp_path / "empty.txt").write_text("")
   (tmp_path / "image.txt").write_bytes(bytes(range(256)))
+  (tmp_path / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
+  (tmp_path / "records.jsonl").write_text(json.dumps({"body": "the text is elsewhere"}) + "\n")
   config = tiny_config("llama", {"data.source": f"text:{tmp_path}", "data.data_dir": str(tmp_path / "data")})
-  with pytest.raises(ConfigError, match="^data.source: no usable documents"):
+  message = r"^data.source: .* has no usable documents; skipped 1 unreadable, 1 binary, 1 missing_text_key, 1 empty \(see data.text_key\)$"
+  with pytest.raises(ConfigError, match=message):
+    tfds_builder.prepare(config.data)
+
+
+def test_a_glob_with_double_star_stops_at_a_link_loop(tmp_path):
+  (tmp_path / "a").mkdir()
+  (tmp_path / "a" / "doc.md").write_text("text")
+  (tmp_path / "a" / "loop").symlink_to(tmp_path, target_is_directory=True)
+  source = sources.text_files(str(tmp_path / "**" / "*.md"), "text")
+  assert [where for where, _ in source.documents()] == [str(tmp_path / "a" / "doc.md")]
+
+
+def test_a_given_tokenizer_that_is_not_sentencepiece_is_a_config_error(tmp_path, tiny_config, corpus_dir):
+  (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')
+  config = tiny_config("llama", {"data.source": f"text:{corpus_dir}", "data.tokenizer": str(tmp_path / "tokenizer.json")})
+  with pytest.raises(ConfigError, match=r"^data.tokenizer: .*tokenizer.json is not a sentencepiece model$"):
     tfds_builder.prepare(config.data)

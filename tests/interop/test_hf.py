@@ -187,3 +187,58 @@ def test_imported_model_evaluates_and_continues_training(trained_run, corpus_dir
   assert "Resuming from step 0" in trained.stdout
   rows = [json.loads(line) for line in open(imported / "metrics.jsonl")]
   assert [row["step"] for row in rows] == [1, 2, 3] and all(np.isfinite(row["loss"]) for row in rows)
+
+
+def _import_export():
+  from lm.interop import __main__ as interop
+
+  return interop
+
+
+def _tree_bytes(folder) -> dict[str, bytes]:
+  """Every file under `folder` and its content."""
+  return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_import_and_export_never_write_over_a_run_or_a_model(trained_run, tmp_path):
+  """Into a run, into the Hugging Face folder itself, export onto the run: refused, nothing changed."""
+  import shutil
+
+  from lm.config import UserError
+
+  interop = _import_export()
+  run = tmp_path / "run"
+  shutil.copytree(trained_run[1], run)
+  hf_dir = tmp_path / "hf"
+  interop.export(str(run), None, str(hf_dir))
+  before = {"run": _tree_bytes(run), "hf": _tree_bytes(hf_dir)}
+  refusals = [
+      (lambda: interop.import_checkpoint(str(hf_dir), str(run), None), "is not empty; pass --overwrite"),
+      (lambda: interop.import_checkpoint(str(hf_dir), str(hf_dir), None, overwrite=True), "would write over the Hugging Face folder"),
+      (lambda: interop.import_checkpoint(str(hf_dir), str(hf_dir / "inside"), None, overwrite=True), "would write over"),
+      (lambda: interop.export(str(run), None, str(run), overwrite=True), "would write over the run"),
+      (lambda: interop.export(str(run), None, str(run / "checkpoints"), overwrite=True), "would write over the run"),
+      (lambda: interop.export(str(run), None, str(hf_dir)), "is not empty; pass --overwrite"),
+  ]
+  for call, message in refusals:
+    with pytest.raises(UserError, match=message):
+      call()
+  assert {"run": _tree_bytes(run), "hf": _tree_bytes(hf_dir)} == before
+
+  interop.export(str(run), None, str(hf_dir), overwrite=True)  # replaced, the same files again
+  assert set(_tree_bytes(hf_dir)) == set(before["hf"])
+  interop.import_checkpoint(str(hf_dir), str(run), None, overwrite=True)  # the run replaced by a step-0 import
+  assert lm.load(str(run)).steps() == [0] and not (run / "metrics.jsonl").exists()
+
+
+def test_import_into_a_workdir_in_use_names_the_process(trained_run, tmp_path):
+  from lm import workdir as workdir_lib
+
+  hf_dir, busy = tmp_path / "hf", tmp_path / "busy"
+  _import_export().export(trained_run[1], None, str(hf_dir))
+  with workdir_lib.Lock(str(busy), "training"):
+    result = subprocess.run([sys.executable, "-m", "lm.interop", "import", str(hf_dir), f"--workdir={busy}", "--overwrite"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+  assert result.returncode == 1
+  (line,) = result.stderr.strip().splitlines()
+  assert f"is in use: training process {os.getpid()}" in line

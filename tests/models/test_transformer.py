@@ -184,9 +184,9 @@ def test_fp8_matmuls_stay_close_to_bfloat16(tiny_config, family):
   """Loss within 0.1% and gradients pointing the same way (cosine > 0.99): e4m3 forward, e5m2 gradients."""
   from lm.train import step as step_lib
 
-  config = tiny_config(family, {"model.dtype": "bfloat16", "model.embed_dim": 128, "model.mlp_dim": 512})
-  tokens, _, positions = _inputs(batch=4, length=64)
-  batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1), "positions": positions, "weights": jnp.ones((4, 64))}
+  config = tiny_config(family, {"model.dtype": "bfloat16", "model.embed_dim": 64, "model.mlp_dim": 256})
+  tokens, _, positions = _inputs(batch=4, length=32)
+  batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1), "positions": positions, "weights": jnp.ones((4, 32))}
   params = _init(_model(config), (tokens, None, positions))
 
   def loss_and_grads(fp8):

@@ -1,0 +1,106 @@
+"""The workdir: one trainer at a time (a lock that a dead holder does not keep), paths resolved once."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lm import workdir as workdir_lib
+from lm.config import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _write_lock(workdir, **holder):
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, workdir_lib.LOCK_FILE)
+  with open(path, "w") as f:
+    json.dump({"purpose": "training", "since": "earlier", "command": "lm.train", **holder}, f)
+  return path
+
+
+def test_a_second_holder_is_refused_with_the_first_ones_name(tmp_path):
+  with workdir_lib.Lock(str(tmp_path), "training"):
+    with pytest.raises(UserError, match=f"is in use: training process {os.getpid()} on ") as error:
+      with workdir_lib.Lock(str(tmp_path), "import"):
+        pass
+    assert "\n" not in str(error.value)
+  assert not os.path.exists(tmp_path / workdir_lib.LOCK_FILE)  # released at exit
+
+
+def test_the_lock_of_a_process_that_ended_is_taken_over(tmp_path, capsys):
+  ended = subprocess.Popen([sys.executable, "-c", "pass"])
+  ended.wait()
+  _write_lock(tmp_path, host=workdir_lib.socket.gethostname(), pid=ended.pid)
+  with workdir_lib.Lock(str(tmp_path), "training"):
+    pass
+  assert f"taking over the lock of a training process {ended.pid}" in capsys.readouterr().out
+
+
+def test_a_reused_process_id_does_not_keep_the_lock(tmp_path):
+  """The id of a running process, but not the process that wrote the lock (another start time)."""
+  _write_lock(tmp_path, host=workdir_lib.socket.gethostname(), pid=os.getpid(), process_start="1")
+  with workdir_lib.Lock(str(tmp_path), "training"):
+    pass
+
+
+def test_another_hosts_lock_holds_while_its_heartbeat_is_fresh(tmp_path):
+  path = _write_lock(tmp_path, host="another-host", pid=1)
+  with pytest.raises(UserError, match="process 1 on another-host"):
+    with workdir_lib.Lock(str(tmp_path), "training"):
+      pass
+  old = time.time() - workdir_lib.STALE_SECONDS - 1
+  os.utime(path, (old, old))
+  with workdir_lib.Lock(str(tmp_path), "training"):
+    pass
+
+
+def _train(workdir, steps, home=None):
+  command = [
+      sys.executable, "-m", "lm.train", "--config=configs/quickstart.py", f"--workdir={workdir}",
+      "--config.data.source=synthetic", "--config.model.num_layers=1", "--config.model.embed_dim=32",
+      "--config.model.mlp_dim=64", "--config.data.seq_len=16", "--config.data.batch_size=8",
+      "--config.optimizer.warmup_steps=1", f"--config.train.steps={steps}", "--config.train.log_every=1",
+      "--config.checkpoint.every=2",
+  ]  # fmt: skip
+  env = dict(os.environ, HOME=str(home)) if home else None
+  return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_a_second_trainer_is_refused_and_a_killed_ones_lock_is_taken_over(tmp_path):
+  workdir = tmp_path / "run"
+  first = _train(workdir, steps=100_000)
+  deadline = time.time() + 240
+  while not (workdir / "checkpoints" / "2").exists():  # the first one trains and has saved
+    assert first.poll() is None and time.time() < deadline, first.communicate()
+    time.sleep(0.5)
+  second = _train(workdir, steps=4)
+  _, stderr = second.communicate(timeout=240)
+  assert second.returncode == 1
+  (line,) = stderr.strip().splitlines()
+  assert f"is in use: training process {first.pid} on " in line and "lm.train" in line
+  assert first.poll() is None  # still training
+
+  first.send_signal(signal.SIGKILL)
+  first.wait()
+  steps = max(int(name) for name in os.listdir(workdir / "checkpoints") if name.isdigit()) + 2
+  third = _train(workdir, steps=steps)
+  stdout, stderr = third.communicate(timeout=240)
+  assert third.returncode == 0, stderr
+  assert f"taking over the lock of a training process {first.pid}" in stdout and "Resuming from step" in stdout
+  assert not (workdir / workdir_lib.LOCK_FILE).exists()
+
+
+def test_a_workdir_under_home_is_one_folder(tmp_path):
+  """--workdir=~/x is not expanded by the shell after `=`: lm puts everything in $HOME/x, nothing in ./~."""
+  home = tmp_path / "home"
+  home.mkdir()
+  process = _train("~/x", steps=2, home=home)
+  _, stderr = process.communicate(timeout=240)
+  assert process.returncode == 0, stderr
+  assert sorted(os.listdir(home / "x")) == ["checkpoints", "config.json", "metrics.jsonl", "tensorboard"]
+  assert not os.path.exists(os.path.join(REPO, "~"))
