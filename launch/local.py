@@ -61,7 +61,7 @@ def main() -> None:
   commands = process_commands(args.processes, free_port(), args.heartbeat_timeout_seconds, train_args)
   running = []
   for process_id, command in enumerate(commands):
-    log = open(os.path.join(log_dir, f"process_{process_id}.log"), "w")
+    log = open(os.path.join(log_dir, f"process_{process_id}.log"), "a")  # a refused second launch erases nothing
     # Process 0 is shown as it runs (through tee); the others only go to their logs.
     stdout = subprocess.PIPE if process_id == 0 else log
     running.append((subprocess.Popen(command, env=env, stdout=stdout, stderr=subprocess.STDOUT, text=True), log))

@@ -139,6 +139,7 @@ def load(workdir: str, step: int | None = None) -> LoadedModel:
     raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}")
   if step not in checkpoints.all_steps():
     raise FileNotFoundError(f"no checkpoint of step {step} in {checkpoints.directory}; kept: {sorted(checkpoints.all_steps())}")
+  checkpoint.check_intact(checkpoints, step)
   config = checkpoint.restore_config(checkpoints, step)
   tokenizer_path = os.path.join(workdir, workdir_lib.TOKENIZER_FILE)
   tokenizer = tokenizer_lib.Tokenizer(tokenizer_path) if os.path.isfile(tokenizer_path) else None

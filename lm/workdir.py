@@ -1,11 +1,15 @@
-"""A run's workdir: one absolute path, one writer at a time, and the names of what it holds.
+"""A run's workdir: one writer at a time, and the names of what it holds.
 
-The lock is the file WORKDIR/lock, naming its holder (host, process id, command, start time). It is
-created atomically, refreshed by its holder every HEARTBEAT_SECONDS, and removed at exit. A lock
-whose holder is gone is taken over: on the same host when that process no longer runs (kill -9
-included), elsewhere when its heartbeat is older than STALE_SECONDS.
+The lock is a file (WORKDIR/lock) naming its holder: host, process id, command, start time. It
+appears whole or not at all (written aside, then hard-linked into place), its holder refreshes it
+every HEARTBEAT_SECONDS (and puts it back if it goes missing), and removes it at exit. A lock whose
+holder is gone is taken over: on the same host when that process no longer runs (kill -9
+included), elsewhere when its heartbeat is older than STALE_SECONDS. Two processes taking over
+the same stale lock do it one after the other (an flock), so only one gets it.
 """
 
+import contextlib
+import fcntl
 import json
 import os
 import socket
@@ -20,6 +24,7 @@ TOKENIZER_FILE = "tokenizer.model"  # a copy of the run's tokenizer
 LOCK_FILE = "lock"
 HEARTBEAT_SECONDS = 20.0
 STALE_SECONDS = 180.0  # a holder on another host that has not refreshed the lock for this long is gone
+WAIT_SECONDS = 5.0  # between looks at a lock that is waited for
 
 
 def _process_start(pid: int) -> str | None:
@@ -43,13 +48,16 @@ def _is_running(pid: int, start: str | None) -> bool:
 
 
 class Lock:
-  """Holds WORKDIR/lock for one writer (a trainer, an import): `with Lock(workdir, "training"): ...`.
+  """Holds FOLDER/lock (or FOLDER/`file_name`) for one writer: `with Lock(workdir, "training"): ...`.
 
-  A second writer gets a UserError naming the holder. Only one process of a multi-host run takes it.
+  A second writer gets a UserError naming the holder, or with `wait` waits for it to finish.
+  `check()` raises if, while held, the lock was lost (the folder deleted and another writer there).
+  Only one process of a multi-host run takes it.
   """
 
-  def __init__(self, workdir: str, purpose: str):
-    self.path = os.path.join(absolute_path(workdir), LOCK_FILE)
+  def __init__(self, folder: str, purpose: str, wait: bool = False, file_name: str = LOCK_FILE):
+    self.path = os.path.join(absolute_path(folder), file_name)
+    self.wait = wait
     self.holder = {
         "purpose": purpose,
         "host": socket.gethostname(),
@@ -58,6 +66,7 @@ class Lock:
         "command": " ".join([os.path.basename(sys.orig_argv[0]), *sys.orig_argv[1:]]),  # python -m lm.train ...
         "since": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    self.lost_to: dict | None = None  # the writer that holds the lock now, if not this process
     self._stop = threading.Event()
     self._heartbeat = None
 
@@ -65,16 +74,16 @@ class Lock:
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
     while not self._create():
       holder, age = self._read()
-      if not self._stale(holder, age):
+      if self._stale(holder, age):
+        self._take_over(holder, age)
+      elif self.wait:
+        print(f"Waiting for the {self._describe(holder)} to finish with {os.path.dirname(self.path)}", flush=True)
+        time.sleep(WAIT_SECONDS)
+      else:
         raise UserError(
             f"{os.path.dirname(self.path)} is in use: {self._describe(holder)}. Wait for it to end or stop it, or use "
             f"another --workdir (if that process is gone for good, delete {self.path})"
         )
-      print(f"Warning: taking over the lock of a {self._describe(holder)}, which has ended", flush=True)
-      try:
-        os.remove(self.path)
-      except FileNotFoundError:  # another process took it over first; try again
-        pass
     self._heartbeat = threading.Thread(target=self._refresh, name="workdir-lock", daemon=True)
     self._heartbeat.start()
     return self
@@ -83,12 +92,33 @@ class Lock:
     self._stop.set()
     if self._heartbeat:
       self._heartbeat.join()
-    holder, _ = self._read()
-    if holder and holder.get("pid") == self.holder["pid"] and holder.get("host") == self.holder["host"]:
+    if self._is_mine(self._read()[0]):
       os.remove(self.path)
 
+  def check(self) -> None:
+    """Raises a UserError if another writer holds the lock now (cheap: call it often)."""
+    if self.lost_to:
+      raise UserError(
+          f"{os.path.dirname(self.path)} was deleted while in use, and a {self._describe(self.lost_to)} writes there "
+          "now; stopping so as to leave it alone"
+      )
+
   def _create(self) -> bool:
-    """Creates the lock file naming this process; False if it exists."""
+    """Creates the lock file naming this process, whole; False if it exists."""
+    partial = f"{self.path}.{self.holder['host']}.{self.holder['pid']}"
+    with open(partial, "w") as f:
+      json.dump(self.holder, f)
+    try:
+      os.link(partial, self.path)  # fails if it exists; never shows a file half written
+      return True
+    except FileExistsError:
+      return False
+    except OSError:  # a filesystem without hard links (some FUSE mounts): create it in place
+      return self._create_in_place()
+    finally:
+      os.remove(partial)
+
+  def _create_in_place(self) -> bool:
     try:
       descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
@@ -96,6 +126,16 @@ class Lock:
     with os.fdopen(descriptor, "w") as f:
       json.dump(self.holder, f)
     return True
+
+  def _take_over(self, holder: dict | None, age: float) -> None:
+    """Removes a stale lock, unless another process did so (and took it) first."""
+    with open(self.path + ".takeover", "a") as guard:
+      fcntl.flock(guard, fcntl.LOCK_EX)  # one process at a time between reading the holder and removing it
+      current, current_age = self._read()
+      if current == holder and self._stale(current, current_age):
+        print(f"Warning: taking over the lock of a {self._describe(holder)}, which has ended", flush=True)
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(self.path)
 
   def _read(self) -> tuple[dict | None, float]:
     """The holder written in the lock file (None if unreadable) and seconds since its last heartbeat."""
@@ -105,13 +145,16 @@ class Lock:
         return json.load(f), age
     except FileNotFoundError:
       return None, 0.0
-    except (OSError, ValueError):  # being written right now, or damaged: judge it by its age alone
+    except (OSError, ValueError):  # damaged (written by hand, or by an older lm): judge it by its age alone
       return None, age
 
   def _stale(self, holder: dict | None, age: float) -> bool:
     if holder and holder.get("host") == self.holder["host"] and isinstance(holder.get("pid"), int):
       return not _is_running(holder["pid"], holder.get("process_start"))
     return age > STALE_SECONDS
+
+  def _is_mine(self, holder: dict | None) -> bool:
+    return bool(holder) and all(holder.get(key) == self.holder[key] for key in ("host", "pid", "since"))
 
   @staticmethod
   def _describe(holder: dict | None) -> str:
@@ -124,7 +167,17 @@ class Lock:
 
   def _refresh(self) -> None:
     while not self._stop.wait(HEARTBEAT_SECONDS):
-      try:
-        os.utime(self.path)
-      except OSError:  # the file is gone (deleted by hand): nothing to refresh
-        pass
+      holder, _ = self._read()
+      if self._is_mine(holder):
+        with contextlib.suppress(OSError):
+          os.utime(self.path)
+        continue
+      if holder is None:  # deleted: put it back, unless another writer has come meanwhile
+        with contextlib.suppress(OSError):
+          os.makedirs(os.path.dirname(self.path), exist_ok=True)
+          if self._create():
+            continue
+        holder, _ = self._read()
+      if holder and not self._is_mine(holder):
+        self.lost_to = holder
+        return

@@ -104,3 +104,86 @@ def test_a_workdir_under_home_is_one_folder(tmp_path):
   assert process.returncode == 0, stderr
   assert sorted(os.listdir(home / "x")) == ["checkpoints", "config.json", "metrics.jsonl", "tensorboard"]
   assert not os.path.exists(os.path.join(REPO, "~"))
+
+
+def test_of_several_processes_taking_over_one_stale_lock_only_one_gets_it(tmp_path):
+  ended = subprocess.Popen([sys.executable, "-c", "pass"])
+  ended.wait()
+  script = (
+      "import sys, time\n"
+      "from lm import workdir\n"
+      "from lm.config import UserError\n"
+      "time.sleep(float(sys.argv[2]) - time.time())\n"  # all start at the same moment
+      "try:\n"
+      "  with workdir.Lock(sys.argv[1], 'training'):\n"
+      "    print('held', flush=True); time.sleep(2)\n"
+      "except UserError:\n"
+      "  print('refused', flush=True)\n"
+  )
+  for _ in range(3):
+    _write_lock(tmp_path, host=workdir_lib.socket.gethostname(), pid=ended.pid)
+    start = str(time.time() + 4)
+    processes = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), start], cwd=REPO, stdout=subprocess.PIPE,
+                                  text=True) for _ in range(4)]  # fmt: skip
+    outcomes = sorted(process.communicate(timeout=120)[0].split()[-1] for process in processes)
+    assert outcomes == ["held", "refused", "refused", "refused"]
+
+
+def test_a_lock_file_is_never_seen_half_written(tmp_path, monkeypatch):
+  """It is written aside, then linked into place: a reader finds the whole holder or no file."""
+  seen = []
+  real_link = os.link
+
+  def link(source, target):
+    seen.append(json.load(open(source)))  # what the lock file will hold, complete before it appears
+    assert not os.path.exists(target)
+    real_link(source, target)
+
+  monkeypatch.setattr(os, "link", link)
+  with workdir_lib.Lock(str(tmp_path), "training"):
+    assert json.load(open(tmp_path / workdir_lib.LOCK_FILE)) == seen[0]
+  assert [name for name in os.listdir(tmp_path)] == []
+
+
+def test_a_holder_whose_lock_is_deleted_puts_it_back_or_stops_if_another_took_it(tmp_path, monkeypatch):
+  monkeypatch.setattr(workdir_lib, "HEARTBEAT_SECONDS", 0.05)
+  path = tmp_path / workdir_lib.LOCK_FILE
+  with workdir_lib.Lock(str(tmp_path), "training") as lock:
+    os.remove(path)
+    time.sleep(0.5)
+    assert json.load(open(path))["pid"] == os.getpid()  # put back
+    lock.check()
+    os.remove(path)
+    _write_lock(tmp_path, host="another-host", pid=7)
+    time.sleep(0.5)
+    with pytest.raises(UserError, match="was deleted while in use, and a training process 7 on another-host since .* writes there"):
+      lock.check()
+  assert json.load(open(path))["pid"] == 7  # the other writer's lock is left alone
+
+
+def test_a_waiting_lock_waits_for_the_holder(tmp_path, monkeypatch):
+  monkeypatch.setattr(workdir_lib, "WAIT_SECONDS", 0.1)
+  order = []
+  holder = workdir_lib.Lock(str(tmp_path), "data preparation", file_name="prepare.lock").__enter__()
+
+  def release_later():
+    time.sleep(0.5)
+    order.append("released")
+    holder.__exit__(None, None, None)
+
+  import threading
+
+  threading.Thread(target=release_later).start()
+  with workdir_lib.Lock(str(tmp_path), "data preparation", wait=True, file_name="prepare.lock"):
+    order.append("acquired")
+  assert order == ["released", "acquired"]
+
+
+def test_a_second_trainer_is_refused_before_it_prepares_any_data(tmp_path, text_config):
+  from lm.train import loop
+
+  config = text_config({"data.data_dir": str(tmp_path / "fresh_data")})
+  with workdir_lib.Lock(str(tmp_path / "run"), "training"):
+    with pytest.raises(UserError, match="is in use"):
+      loop.train(config, str(tmp_path / "run"))
+  assert not (tmp_path / "fresh_data").exists()

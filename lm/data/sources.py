@@ -112,6 +112,16 @@ def builtin() -> Source:
   return Source(f"builtin-py{sys.version_info.major}{sys.version_info.minor}", fingerprint, lambda: _file_documents(paths, ""))
 
 
+def _matches(parts: list[str], pattern: list[str]) -> bool:
+  """Whether path components match glob components, as glob(recursive=True) does: ** matches any number
+  of folders, and the other wildcards stay within one component."""
+  if not pattern:
+    return not parts
+  if pattern[0] == "**":
+    return any(_matches(parts[start:], pattern[1:]) for start in range(len(parts) + 1))
+  return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _matches(parts[1:], pattern[1:])
+
+
 def _size_and_time(path: str) -> tuple[int, float]:
   """A file's size and modification time, which fingerprint it; (-1, -1) for a link to nothing."""
   try:
@@ -128,7 +138,8 @@ def text_files(pattern: str, text_key: str) -> Source:
     candidates = list(_walk(pattern))
   elif "**" in pattern:  # glob's ** would follow a link back into the tree forever
     root = pattern.split("**")[0].rstrip(os.sep) or "."
-    candidates = [path for path in _walk(root) if fnmatch.fnmatch(path, pattern.replace("**" + os.sep, "*"))]
+    rest = pattern[len(root) :].strip(os.sep).split(os.sep)
+    candidates = [path for path in _walk(root) if _matches(os.path.relpath(path, root).split(os.sep), rest)]
   else:
     candidates = glob.glob(pattern)
   paths = sorted(p for p in candidates if (os.path.isfile(p) or os.path.islink(p)) and p.endswith(TEXT_EXTENSIONS))

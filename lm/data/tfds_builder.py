@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from lm import distributed
+from lm import distributed, workdir
 from lm.config import ConfigError, UserError
 from lm.data import sources, tokenizer as tokenizer_lib
 
@@ -201,6 +201,13 @@ def prepare(data: ml_collections.ConfigDict) -> tuple[tokenizer_lib.Tokenizer, T
   source = sources.from_config(data)
 
   def build() -> tuple[tokenizer_lib.Tokenizer, TokenizedText]:
+    if os.path.isdir(data_dir) and not os.access(data_dir, os.W_OK):  # prepared elsewhere, read only here
+      return build_unlocked()
+    # A second run that needs the same files waits for the first to build them.
+    with workdir.Lock(data_dir, "data preparation", wait=True, file_name="lm-prepare.lock"):
+      return build_unlocked()
+
+  def build_unlocked() -> tuple[tokenizer_lib.Tokenizer, TokenizedText]:
     tokenizer = load_or_train_tokenizer(data, source, data_dir)
     builder = TokenizedText(
         source=source,

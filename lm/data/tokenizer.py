@@ -140,7 +140,7 @@ def train(
   if failure:  # sentencepiece took the documents read before it as all there were
     raise failure
   os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
-  partial_path = model_path + ".partial"
+  partial_path = f"{model_path}.partial-{os.getpid()}"
   with open(partial_path, "wb") as f:
     f.write(model.getvalue())
   os.replace(partial_path, model_path)  # a killed run never leaves a truncated model behind

@@ -37,7 +37,8 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace what the --out (expo
 
 
 def _contains(outer: str, inner: str) -> bool:
-  """Whether absolute path `inner` is `outer` or lies inside it."""
+  """Whether path `inner` is `outer` or lies inside it, links followed."""
+  outer, inner = os.path.realpath(outer), os.path.realpath(inner)
   return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
 
 

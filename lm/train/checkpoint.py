@@ -10,8 +10,8 @@ damaged-STEP-TIME and the step before it restored instead.
 """
 
 import contextlib
+import concurrent.futures
 import dataclasses
-import hashlib
 import json
 import logging as logging_lib
 import os
@@ -20,10 +20,13 @@ import signal
 import sys
 import threading
 import time
+import warnings
+import zlib
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -34,6 +37,7 @@ from lm.train.state import TrainState
 
 ITEMS = ("state", "data", "config", "metadata")
 DIGESTS_FILE = "lm_digests.json"
+DAMAGED_PREFIX = "damaged-"  # a damaged step's folder, renamed so that Orbax no longer sees it
 
 
 def _json_handlers() -> dict[str, ocp.JsonCheckpointHandler]:
@@ -79,44 +83,66 @@ def save(
   )
 
 
+def _one_line(error: Exception) -> str:
+  return " ".join(str(error).split())[:200]
+
+
 def _step_dir(checkpoints: ocp.CheckpointManager, step: int) -> str:
   return os.path.join(str(checkpoints.directory), str(step))
 
 
+def _file_digest(path: str) -> str:
+  """"SIZE:CRC32" of a file, read in large blocks (zlib releases the GIL, so files hash in parallel)."""
+  crc = 0
+  with open(path, "rb") as f:
+    while block := f.read(1 << 24):
+      crc = zlib.crc32(block, crc)
+  return f"{os.path.getsize(path)}:{crc:08x}"
+
+
 def _file_digests(step_dir: str) -> dict[str, str]:
-  """SHA-256 of every file of a step folder, by path inside it."""
-  digests = {}
+  """The digest of every file of a step folder (its own digests file aside), by path inside it."""
+  paths = []
   for directory, _, files in os.walk(step_dir):
-    for name in sorted(files):
-      path = os.path.join(directory, name)
-      relative = os.path.relpath(path, step_dir)
-      if relative != DIGESTS_FILE:
-        with open(path, "rb") as f:
-          digests[relative] = hashlib.file_digest(f, "sha256").hexdigest()
-  return digests
+    paths += [os.path.join(directory, name) for name in files if not name.startswith(DIGESTS_FILE)]
+  with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    digests = pool.map(_file_digest, paths)
+  return {os.path.relpath(path, step_dir): digest for path, digest in sorted(zip(paths, digests))}
 
 
 def write_digests(checkpoints: ocp.CheckpointManager) -> None:
-  """Writes the digests of every complete step that has none yet (process 0; call when no save is running)."""
+  """Writes the digests of every complete step that has none yet (process 0; call when no save is running).
+
+  A step whose digests cannot be written (a full disk, say) is left without: it is then checked by
+  reading it, as a step saved by an older lm is.
+  """
   if jax.process_index() != 0:
     return
   for step in checkpoints.all_steps():
-    step_dir = _step_dir(checkpoints, step)
-    path = os.path.join(step_dir, DIGESTS_FILE)
+    path = os.path.join(_step_dir(checkpoints, step), DIGESTS_FILE)
     if os.path.exists(path):
       continue
+    partial = f"{path}.partial-{os.getpid()}"
     try:
-      digests = _file_digests(step_dir)
-      with open(path + ".partial", "w") as f:
+      digests = _file_digests(_step_dir(checkpoints, step))
+      with open(partial, "w") as f:
         json.dump(digests, f)
-      os.replace(path + ".partial", path)
-    except FileNotFoundError:  # the step was deleted meanwhile (by hand)
-      continue
+      os.replace(partial, path)
+    except OSError as error:  # the step deleted meanwhile (by hand), or no room for the file
+      if os.path.exists(partial):
+        os.remove(partial)
+      if not isinstance(error, FileNotFoundError):
+        distributed.log(f"Warning: no digests for checkpoint step {step} ({error}); it will be checked by reading it")
 
 
 class _NotFromOrbax(logging_lib.Filter):
+  """Drops the errors Orbax logs, and asyncio's "Task exception was never retrieved" for Orbax's writers."""
+
   def filter(self, record: logging_lib.LogRecord) -> bool:
-    return record.levelno < logging_lib.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
+    if record.levelno < logging_lib.ERROR:
+      return True
+    orbax = f"{os.sep}orbax{os.sep}"
+    return orbax not in record.pathname and not (record.name == "asyncio" and orbax in record.getMessage())
 
 
 def _quiet_orbax_errors() -> None:
@@ -126,6 +152,7 @@ def _quiet_orbax_errors() -> None:
   if any(isinstance(f, _NotFromOrbax) for f in handler.filters):
     return
   handler.addFilter(_NotFromOrbax())
+  logging_lib.getLogger("asyncio").addFilter(_NotFromOrbax())  # whichever handler prints its records
   report = sys.unraisablehook
 
   def unraisable(unraisable) -> None:
@@ -135,6 +162,8 @@ def _quiet_orbax_errors() -> None:
       report(unraisable)
 
   sys.unraisablehook = unraisable
+  # A writer that a failed save leaves behind is never awaited; Python warns of each at exit.
+  warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
 
 
 class Saver:
@@ -151,12 +180,12 @@ class Saver:
     self._checked = True  # whether the latest save is known to have worked
 
   def save(self, step: int, *args, **kwargs) -> None:
-    """`save(checkpoints, step, ...)`, once the digests being written are done (the save may delete old steps)."""
-    if self._digests:
-      self._digests.join()
-    with self._reporting_failures():  # Orbax waits for the previous save first, and raises if it failed
+    """`save(checkpoints, step, ...)`, once the previous save and the digests being written are done (the
+    save may delete old steps)."""
+    with self._reporting_failures():
+      self._wait()  # a previous save that failed is reported here, under its own step
+      self._step, self._checked = step, False
       save(self.checkpoints, step, *args, **kwargs)
-    self._step, self._checked = step, False
     self._digests_due = True
 
   def after_step(self) -> None:
@@ -176,10 +205,13 @@ class Saver:
   def finish(self) -> None:
     """Waits for the saves and the digests, and writes those still due."""
     with self._reporting_failures():
-      self.checkpoints.wait_until_finished()
+      self._wait()
+    write_digests(self.checkpoints)
+
+  def _wait(self) -> None:
+    self.checkpoints.wait_until_finished()
     if self._digests:
       self._digests.join()
-    write_digests(self.checkpoints)
 
   @contextlib.contextmanager
   def _reporting_failures(self):
@@ -190,7 +222,8 @@ class Saver:
       raise self._failed(error) from None
 
   def _failed(self, error: Exception) -> UserError:
-    earlier = [step for step in self.checkpoints.all_steps() if self._step is None or step < self._step]
+    on_disk = [step for step in self.checkpoints.all_steps() if os.path.isdir(_step_dir(self.checkpoints, step))]
+    earlier = [step for step in on_disk if self._step is None or step < self._step]
     kept = f"the checkpoint of step {max(earlier)} is intact" if earlier else "no earlier checkpoint was kept"
     message = " ".join(str(error).split())
     system_error = re.search(r"Failed to write [^:]*: ([^\[]+)", message)  # TensorStore's words for ENOSPC, EFBIG ...
@@ -202,7 +235,7 @@ class Saver:
 
 
 def damage(checkpoints: ocp.CheckpointManager, step: int) -> str | None:
-  """What is wrong with a step's files compared with its digests; None when they match (or it has none yet)."""
+  """What is wrong with a step's files compared with its digests; None when they match (or it has none)."""
   step_dir = _step_dir(checkpoints, step)
   try:
     with open(os.path.join(step_dir, DIGESTS_FILE)) as f:
@@ -222,10 +255,24 @@ def damage(checkpoints: ocp.CheckpointManager, step: int) -> str | None:
 
 def _set_aside(checkpoints: ocp.CheckpointManager, step: int) -> str:
   """Renames a damaged step's folder out of Orbax's sight (kept for inspection); returns the new path."""
-  damaged = os.path.join(str(checkpoints.directory), f"damaged-{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+  damaged = os.path.join(str(checkpoints.directory), f"{DAMAGED_PREFIX}{step}-{time.strftime('%Y%m%d-%H%M%S')}")
   os.rename(_step_dir(checkpoints, step), damaged)
-  checkpoints.reload()
   return damaged
+
+
+def _damaged_folders(checkpoints: ocp.CheckpointManager) -> list[str]:
+  return sorted(name for name in os.listdir(str(checkpoints.directory)) if name.startswith(DAMAGED_PREFIX))
+
+
+def _newest_intact_step(checkpoints: ocp.CheckpointManager) -> int | None:
+  """Process 0: the newest step whose files match their digests; damaged ones are set aside, with a warning."""
+  for step in sorted(checkpoints.all_steps(), reverse=True):
+    problem = damage(checkpoints, step)
+    if problem is None:
+      return step
+    moved = _set_aside(checkpoints, step)
+    distributed.log(f"Warning: checkpoint step {step} is damaged ({problem}); it is set aside as {moved}")
+  return None
 
 
 @dataclasses.dataclass
@@ -241,30 +288,36 @@ class Restored:
 def restore_latest(checkpoints: ocp.CheckpointManager, abstract_state: TrainState) -> Restored | None:
   """The newest intact checkpoint, read directly into `abstract_state`'s shardings; None if there is none.
 
-  A damaged step is set aside with a warning and the one before it tried; when every step is
-  damaged, a UserError names them.
+  Process 0 checks the digests and sets damaged steps aside (every process then restores the step
+  it chose). A step that matches its digests, or has none, but cannot be read is a UserError that
+  names it: the cause may be elsewhere (memory, permissions, storage), so it is not set aside.
   """
-  damaged = []
-  for step in sorted(checkpoints.all_steps(), reverse=True):
-    problem = damage(checkpoints, step) if jax.process_index() == 0 else None
-    if problem is None:
-      try:
-        return _restore(checkpoints, step, abstract_state)
-      except UserError:
-        raise
-      except Exception as error:  # Orbax and TensorStore raise many types for files cut short or gone
-        if jax.process_count() > 1:
-          raise
-        problem = "it cannot be read: " + " ".join(str(error).split())[:200]
-    moved = _set_aside(checkpoints, step)
-    distributed.log(f"Warning: checkpoint step {step} is damaged ({problem}); it is set aside as {moved}")
-    damaged.append(step)
-  if damaged:
+  step = _newest_intact_step(checkpoints) if jax.process_index() == 0 else None
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    step = int(multihost_utils.broadcast_one_to_all(np.int32(-1 if step is None else step)))
+    step = None if step < 0 else step
+  checkpoints.reload()
+  if step is None:
+    damaged = _damaged_folders(checkpoints)
+    if damaged:  # starting over here would mix a new run into the old one's files
+      raise UserError(
+          f"{checkpoints.directory} holds only damaged checkpoints ({', '.join(damaged)}): start a new --workdir, or "
+          "move the checkpoints folder away to start over in this one"
+      )
+    return None
+  try:
+    return _restore(checkpoints, step, abstract_state)
+  except UserError:
+    raise
+  except Exception as error:  # Orbax and TensorStore raise many types, for files cut short and for full memory alike
+    earlier = [other for other in checkpoints.all_steps() if other < step]
+    move = f"move {_step_dir(checkpoints, step)} away to resume from step {max(earlier)}" if earlier else "start anew"
     raise UserError(
-        f"every checkpoint in {checkpoints.directory} was damaged (steps {', '.join(map(str, damaged))}, set aside as "
-        "damaged-*): start again with a new --workdir, or move the checkpoints folder away to start over in this one"
-    )
-  return None
+        f"checkpoint step {step} in {checkpoints.directory} cannot be read ({_one_line(error)}). "
+        f"If the cause is not this machine (memory, permissions, storage), the step is damaged: {move}"
+    ) from None
 
 
 def _restore(checkpoints: ocp.CheckpointManager, step: int, abstract_state: TrainState) -> Restored:
@@ -292,6 +345,14 @@ def _restore(checkpoints: ocp.CheckpointManager, step: int, abstract_state: Trai
         "or off?): resume with the run's own optimizer settings, or start a new --workdir from it with checkpoint.init_from"
     ) from None
   return Restored(step, restored["state"], restored["data"], restored["metadata"])
+
+
+def check_intact(checkpoints: ocp.CheckpointManager, step: int) -> None:
+  """A UserError naming step `step` and the steps kept, if its files do not match their digests."""
+  problem = damage(checkpoints, step)
+  if problem:
+    others = [other for other in checkpoints.all_steps() if other != step]
+    raise UserError(f"checkpoint step {step} in {checkpoints.directory} is damaged ({problem}); kept steps: {others}")
 
 
 def read_only_manager(path: str) -> ocp.CheckpointManager:
@@ -335,21 +396,25 @@ def restore_parts(checkpoints: ocp.CheckpointManager, step: int | None, target: 
   step = checkpoints.latest_step() if step is None else step
   if step is None or step not in checkpoints.all_steps():
     raise FileNotFoundError(f"{field}: no checkpoint {'' if step is None else step} in {checkpoints.directory}")
-  problem = damage(checkpoints, step)
-  if problem:
-    others = [other for other in checkpoints.all_steps() if other != step]
-    raise UserError(f"checkpoint step {step} in {checkpoints.directory} is damaged ({problem}); kept steps: {others}")
-  mismatch = _first_mismatch(checkpoints, step, target)
-  if mismatch:
-    raise ConfigError(f"{field}: {mismatch}")
-  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-  state_args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
-  return checkpoints.restore(step, args=ocp.args.Composite(state=state_args))["state"]
+  check_intact(checkpoints, step)
+  try:
+    mismatch = _first_mismatch(checkpoints, step, target)
+    if not mismatch:
+      restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+      state_args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+      return checkpoints.restore(step, args=ocp.args.Composite(state=state_args))["state"]
+  except Exception as error:  # Orbax and TensorStore raise many types for files cut short or gone
+    raise UserError(f"checkpoint step {step} in {checkpoints.directory} cannot be read ({_one_line(error)})") from None
+  raise ConfigError(f"{field}: {mismatch}")
 
 
 def restore_config(checkpoints: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
   """The config a checkpoint was saved with."""
-  return ml_collections.ConfigDict(checkpoints.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
+  try:
+    config = checkpoints.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  except (OSError, ValueError) as error:  # a config file cut short or gone
+    raise UserError(f"checkpoint step {step} in {checkpoints.directory}: its config cannot be read ({error})") from None
+  return ml_collections.ConfigDict(config)
 
 
 def init_from(checkpoint: ml_collections.ConfigDict, state: TrainState, abstract_state: TrainState) -> TrainState:

@@ -140,14 +140,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
   The workdir is locked while training (by process 0 of several): a second trainer is refused.
   """
   workdir = config_lib.absolute_path(workdir)
-  run = setup(config)  # before config.json is written: it fills in the vocabulary size
-  lock = workdir_lib.Lock(workdir, "training") if jax.process_index() == 0 else contextlib.nullcontext()
-  with lock:
-    _train(config, workdir, run)
+  lock = workdir_lib.Lock(workdir, "training") if jax.process_index() == 0 else None
+  with lock or contextlib.nullcontext():
+    run = setup(config)  # before config.json is written: it fills in the vocabulary size
+    _train(config, workdir, run, lock)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, run: TrainSetup) -> None:
-  """`train`, with the workdir locked."""
+def _train(config: ml_collections.ConfigDict, workdir: str, run: TrainSetup, lock: workdir_lib.Lock | None) -> None:
+  """`train`, with the workdir locked (by this process, or by process 0)."""
   checkpoints = checkpoint.manager(workdir, config.checkpoint)
   saver = checkpoint.Saver(checkpoints)
   restored = checkpoint.restore_latest(checkpoints, run.abstract_state)
@@ -237,6 +237,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: TrainSetup) -> 
       state, step_metrics = run.train_step(state, next(batches), jax.random.fold_in(step_rng, step))
       profiler.after_step(step, step_metrics)
       saver.after_step()
+      if lock:
+        lock.check()
       if previous is not None:
         settle(*previous)
       done = step + 1

@@ -216,12 +216,20 @@ def test_a_source_with_no_usable_documents_says_what_was_skipped(tmp_path, tiny_
     tfds_builder.prepare(config.data)
 
 
-def test_a_glob_with_double_star_stops_at_a_link_loop(tmp_path):
-  (tmp_path / "a").mkdir()
-  (tmp_path / "a" / "doc.md").write_text("text")
+def test_a_glob_with_double_star_matches_as_glob_does_and_stops_at_a_link_loop(tmp_path):
+  for path in ("top.md", "a/doc.md", "a/b/train/x.txt", "train/y.txt", "pretrain/p.txt", "mytrain/m.txt",
+               "train/heldout/h.txt", "a/notes.md.bak"):  # fmt: skip
+    (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / path).write_text(path)
   (tmp_path / "a" / "loop").symlink_to(tmp_path, target_is_directory=True)
-  source = sources.text_files(str(tmp_path / "**" / "*.md"), "text")
-  assert [where for where, _ in source.documents()] == [str(tmp_path / "a" / "doc.md")]
+
+  def found(pattern):
+    source = sources.text_files(str(tmp_path / pattern), "text")
+    return sorted(os.path.relpath(where, tmp_path) for where, _ in source.documents())
+
+  assert found("**/*.md") == ["a/doc.md", "top.md"]
+  assert found("**/train/*.txt") == ["a/b/train/x.txt", "train/y.txt"]
+  assert found("a/b/**/*.txt") == ["a/b/train/x.txt"]
 
 
 def test_a_given_tokenizer_that_is_not_sentencepiece_is_a_config_error(tmp_path, tiny_config, corpus_dir):

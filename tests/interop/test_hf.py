@@ -211,6 +211,8 @@ def test_import_and_export_never_write_over_a_run_or_a_model(trained_run, tmp_pa
   shutil.copytree(trained_run[1], run)
   hf_dir = tmp_path / "hf"
   interop.export(str(run), None, str(hf_dir))
+  link = tmp_path / "link_to_hf"
+  link.symlink_to(hf_dir, target_is_directory=True)
   before = {"run": _tree_bytes(run), "hf": _tree_bytes(hf_dir)}
   refusals = [
       (lambda: interop.import_checkpoint(str(hf_dir), str(run), None), "is not empty; pass --overwrite"),
@@ -219,6 +221,7 @@ def test_import_and_export_never_write_over_a_run_or_a_model(trained_run, tmp_pa
       (lambda: interop.export(str(run), None, str(run), overwrite=True), "would write over the run"),
       (lambda: interop.export(str(run), None, str(run / "checkpoints"), overwrite=True), "would write over the run"),
       (lambda: interop.export(str(run), None, str(hf_dir)), "is not empty; pass --overwrite"),
+      (lambda: interop.import_checkpoint(str(hf_dir), str(link), None, overwrite=True), "would write over the Hugging Face"),
   ]
   for call, message in refusals:
     with pytest.raises(UserError, match=message):

@@ -75,6 +75,20 @@ def test_two_processes_equal_one_and_checkpoints_cross_between_them(launch, tmp_
   launch(tmp_path / "one_then_two", processes=2, steps=6, mesh=TWO_SLICES)
   _assert_same_numbers(_rows(tmp_path / "one_then_two"), expected, range(1, 7))
 
+  # A damaged newest step: process 0 finds it, sets it aside, and both processes resume from step 4.
+  damaged = tmp_path / "two_damaged"
+  shutil.copytree(tmp_path / "two", damaged)
+  for directory, _, names in os.walk(damaged / "checkpoints" / "6" / "state"):
+    for path in [os.path.join(directory, name) for name in names if os.path.getsize(os.path.join(directory, name)) > 1024]:
+      with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 1]))
+  launch(damaged, processes=2, steps=6, mesh=TWO_SLICES)
+  assert any(name.startswith("damaged-6-") for name in os.listdir(damaged / "checkpoints"))
+  _assert_same_numbers(_rows(damaged), expected, range(1, 7))
+
 
 def test_when_one_process_dies_the_others_stop_with_a_message(launch, tmp_path):
   launcher = launch(tmp_path / "run", processes=2, steps=100000, background=True)

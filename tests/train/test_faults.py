@@ -99,20 +99,22 @@ def _delete(path):
   os.remove(path)
 
 
-@pytest.mark.parametrize("harm", [_flip_a_bit, _truncate, _delete], ids=["bit_flipped", "truncated", "deleted"])
-@pytest.mark.parametrize("with_digests", [True, False], ids=["digests", "killed_before_digests"])
-def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_restored(tiny_config, tmp_path, capsys, harm, with_digests):
-  if harm is _flip_a_bit and not with_digests:
-    pytest.skip("a flipped bit in data is only visible to the digests")
+def _damaged_run(tiny_config, tmp_path, harm, with_digests: bool):
+  """A 4-step run with checkpoints at 2 and 4, then `harm` done to every data file of step 4."""
   config = tiny_config("llama", {"mesh.data": 8, "train.steps": 4, "checkpoint.every": 2, "eval.every": 0})
   loop.train(config, str(tmp_path))
   step_dir = tmp_path / "checkpoints" / "4"
   assert (step_dir / checkpoint.DIGESTS_FILE).exists()
-  if not with_digests:
+  if not with_digests:  # as a run killed right after its save, or saved by an older lm, leaves it
     os.remove(step_dir / checkpoint.DIGESTS_FILE)
   for path in _data_files(step_dir):
     harm(path)
+  return config
 
+
+@pytest.mark.parametrize("harm", [_flip_a_bit, _truncate, _delete], ids=["bit_flipped", "truncated", "deleted"])
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_restored(tiny_config, tmp_path, capsys, harm):
+  config = _damaged_run(tiny_config, tmp_path, harm, with_digests=True)
   checkpoints = checkpoint.manager(str(tmp_path), config.checkpoint)
   restored = checkpoint.restore_latest(checkpoints, loop.setup(config).abstract_state)
   assert restored.step == 2
@@ -124,7 +126,35 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_restored(ti
   assert checkpoint.manager(str(tmp_path), config.checkpoint).all_steps() == [2, 4, 6]  # step 4 saved again
 
 
-def test_when_every_checkpoint_is_damaged_it_says_so(tiny_config, tmp_path):
+@pytest.mark.parametrize("harm", [_truncate, _delete], ids=["truncated", "deleted"])
+def test_an_unreadable_step_without_digests_is_named_with_what_to_do(tiny_config, tmp_path, harm):
+  """Without digests to prove damage, a read error may come from elsewhere: the step is named, not moved."""
+  from lm.config import UserError
+
+  config = _damaged_run(tiny_config, tmp_path, harm, with_digests=False)
+  checkpoints = checkpoint.manager(str(tmp_path), config.checkpoint)
+  abstract = loop.setup(config).abstract_state
+  with pytest.raises(UserError, match=r"checkpoint step 4 in .* cannot be read \(.*\)\. If the cause is not this machine "
+                     r"\(memory, permissions, storage\), the step is damaged: move .*/4 away to resume from step 2"):
+    checkpoint.restore_latest(checkpoints, abstract)
+  assert (tmp_path / "checkpoints" / "4").is_dir()  # left where it was
+  os.rename(tmp_path / "checkpoints" / "4", tmp_path / "elsewhere")
+  assert checkpoint.restore_latest(checkpoint.manager(str(tmp_path), config.checkpoint), abstract).step == 2
+
+
+def test_a_restore_that_fails_for_another_reason_moves_nothing(tiny_config, tmp_path, monkeypatch):
+  from lm.config import UserError
+
+  config = tiny_config("llama", {"mesh.data": 8, "train.steps": 2, "checkpoint.every": 1, "eval.every": 0})
+  loop.train(config, str(tmp_path))
+  checkpoints = checkpoint.manager(str(tmp_path), config.checkpoint)
+  monkeypatch.setattr(checkpoints, "restore", lambda *args, **kwargs: (_ for _ in ()).throw(MemoryError("out of host memory")))
+  with pytest.raises(UserError, match=r"checkpoint step 2 .* cannot be read \(out of host memory\)"):
+    checkpoint.restore_latest(checkpoints, loop.setup(config).abstract_state)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
+
+
+def test_when_every_checkpoint_is_damaged_it_says_so_and_does_not_start_over(tiny_config, tmp_path):
   from lm.config import UserError
 
   config = tiny_config("llama", {"mesh.data": 8, "train.steps": 2, "checkpoint.every": 1, "eval.every": 0})
@@ -132,8 +162,32 @@ def test_when_every_checkpoint_is_damaged_it_says_so(tiny_config, tmp_path):
   for step in (1, 2):
     for path in _data_files(tmp_path / "checkpoints" / str(step)):
       _flip_a_bit(path)
-  with pytest.raises(UserError, match=r"every checkpoint in .* was damaged \(steps 2, 1, set aside as damaged-\*\)"):
-    loop.train(config, str(tmp_path))
+  for _ in range(2):  # the second time too: it must not train from step 0 over the old run
+    with pytest.raises(UserError, match=r"holds only damaged checkpoints \(damaged-1-.*, damaged-2-.*\): start a new"):
+      loop.train(config, str(tmp_path))
+
+
+def test_digests_that_cannot_be_written_leave_the_step_unverified_not_damaged(tiny_config, tmp_path, monkeypatch, capsys):
+  import errno
+  import json
+
+  config = tiny_config("llama", {"mesh.data": 8, "train.steps": 2, "checkpoint.every": 2, "eval.every": 0})
+  real_dump = json.dump
+
+  def disk_full(obj, f, *args, **kwargs):
+    if f.name.endswith(f".partial-{os.getpid()}") and checkpoint.DIGESTS_FILE in f.name:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return real_dump(obj, f, *args, **kwargs)
+
+  monkeypatch.setattr(checkpoint.json, "dump", disk_full)
+  loop.train(config, str(tmp_path))
+  assert "Warning: no digests for checkpoint step 2 ([Errno 28] No space left on device)" in capsys.readouterr().out
+  assert os.listdir(tmp_path / "checkpoints" / "2").count(checkpoint.DIGESTS_FILE) == 0
+  assert not [name for name in os.listdir(tmp_path / "checkpoints" / "2") if ".partial" in name]
+  monkeypatch.undo()
+  checkpoints = checkpoint.manager(str(tmp_path), config.checkpoint)
+  checkpoint.write_digests(checkpoints)  # space again: written now, of the checkpoint's own files only
+  assert checkpoint.damage(checkpoints, 2) is None and (tmp_path / "checkpoints" / "2" / checkpoint.DIGESTS_FILE).exists()
 
 
 def test_loading_a_damaged_checkpoint_names_it(trained_run, tmp_path):
@@ -151,7 +205,8 @@ def test_loading_a_damaged_checkpoint_names_it(trained_run, tmp_path):
   assert lm.load(str(workdir), step=3).step == 3
 
 
-def test_a_save_that_fails_stops_the_run_in_one_line_keeping_the_checkpoint_before(tmp_path):
+@pytest.mark.parametrize("async_save", [True, False])
+def test_a_save_that_fails_stops_the_run_in_one_line_keeping_the_checkpoint_before(tmp_path, async_save):
   """Storage that refuses to grow (here: a file size limit, as a full disk would) at the save of step 4."""
   import resource
   import signal
@@ -163,6 +218,7 @@ def test_a_save_that_fails_stops_the_run_in_one_line_keeping_the_checkpoint_befo
       sys.executable, "-m", "lm.train", "--config=configs/quickstart.py", f"--workdir={tmp_path}",
       "--config.data.source=synthetic", "--config.model.num_layers=1", "--config.data.seq_len=16",
       "--config.data.batch_size=8", "--config.optimizer.warmup_steps=1", "--config.checkpoint.every=2",
+      f"--config.checkpoint.async_save={async_save}",
   ]  # fmt: skip
   env = {name: value for name, value in os.environ.items() if not name.startswith("JAX_COMPILATION_CACHE")}
   subprocess.run([*command, "--config.train.steps=2"], cwd=repo, env=env, check=True, capture_output=True, timeout=300)
@@ -173,7 +229,8 @@ def test_a_save_that_fails_stops_the_run_in_one_line_keeping_the_checkpoint_befo
 
   failed = subprocess.run([*command, "--config.train.steps=8"], cwd=repo, env=env, capture_output=True, text=True,
                           timeout=300, preexec_fn=small_files_only)  # fmt: skip
-  assert failed.returncode == 1
+  assert failed.returncode == 1, failed.stderr
+  assert len(failed.stderr.strip().splitlines()) == 1, failed.stderr
   (line,) = failed.stderr.strip().splitlines()
   assert line.startswith(f"error: saving step 4 in {tmp_path / 'checkpoints'} failed (") and "step 2 is intact" in line
 
