@@ -18,6 +18,7 @@ setuptools.setup(
         "numpy>=1.26",
         "tensorboardX>=2.6",
         "sentencepiece>=0.2",
+        "tokenizers>=0.19",  # a given Hugging Face tokenizer.json (Llama 3's, GPT-2's)
         "tensorflow-datasets>=4.9.6",
         "array-record>=0.5",
         "grain>=0.2.10",

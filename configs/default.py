@@ -21,6 +21,11 @@ def get_config() -> ml_collections.ConfigDict:
   model.mlp_dim = 3072  # hidden width of the MLP
   model.max_seq_len = 2048  # longest sequence the model accepts (size of GPT-2's position table)
   model.rope_theta = 10000.0  # rotary base frequency (llama family)
+  model.rope_scaling = "none"  # rotary frequencies stretched for longer contexts: "none", "linear", "llama3" (3.1's)
+  model.rope_scaling_factor = 8.0  # linear, llama3: how many times longer the context gets (frequencies / factor)
+  model.rope_low_freq_factor = 1.0  # llama3: wavelengths over original_max_seq_len / this are divided by the factor
+  model.rope_high_freq_factor = 4.0  # llama3: wavelengths under original_max_seq_len / this are kept; between, blended
+  model.rope_original_max_seq_len = 8192  # llama3: the context length the model was pretrained with
   model.norm_eps = 1e-5  # epsilon of RMSNorm / LayerNorm
   model.tie_embeddings = True  # the output projection reuses the token embedding
   model.dropout_rate = 0.0  # dropout on the embeddings and both residual branches
@@ -39,6 +44,14 @@ def get_config() -> ml_collections.ConfigDict:
   model.scan_layers = True  # stack the layers on a "layers" axis and run them with nn.scan (fast compiles)
   model.scan_unroll = 1  # with scan_layers, layers per loop iteration; num_layers: no loop (same parameters)
   model.remat_policy = "none"  # "none", "full", "save_dots" (keep every projection output) or "save_qkv_proj"
+
+  config.objective = objective = ml_collections.ConfigDict()
+  # What the model learns (lm/objectives/): "causal_lm" (every next token of plain text), "sft" (the responses of
+  # prompt/response pairs or chats in .jsonl) or "classification" (a label per .jsonl text, from the last token).
+  objective.name = "causal_lm"
+  objective.chat_template = "auto"  # sft: "auto" (llama3 when the tokenizer has its header tokens, else plain), "llama3", "plain"
+  objective.num_classes = 0  # classification: labels are 0 .. num_classes - 1 (or the names in class_names)
+  objective.class_names = ""  # classification: comma-separated label names, when the data's labels are names
 
   config.mesh = mesh = ml_collections.ConfigDict()
   # Device mesh axis sizes within one slice / host; -1 takes all remaining devices.
@@ -79,7 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
   data.batch_size = 8  # global batch, in rows, across all devices and processes
   data.seed = 0  # the batch at step k is a pure function of (seed, k)
   data.data_dir = "~/.cache/lm"  # where tokenizers and tokenized shards are built
-  data.tokenizer = ""  # a sentencepiece .model to use; empty: train one on the source
+  data.tokenizer = ""  # a sentencepiece .model or a Hugging Face tokenizer.json to use; empty: train one on the source
   data.tokenizer_type = "bpe"  # "bpe" or "unigram", when training a tokenizer
   data.tokenizer_vocab_size = 32000  # pieces, when training a tokenizer (synthetic data: its vocabulary size)
   data.tokenizer_sample_bytes = 50_000_000  # text the tokenizer is trained on
@@ -122,5 +135,8 @@ def get_config() -> ml_collections.ConfigDict:
   checkpoint.async_save = True  # write in the background while training goes on
   checkpoint.init_from = ""  # another run's workdir (or checkpoints dir): start from its latest params
   checkpoint.init_opt_state = False  # with init_from: take its optimizer state too
+  # With init_from: take the model (model.*, but for how it computes: dtype, attention, remat, dropout ...) and
+  # the tokenizer (unless data.tokenizer names one) from that run, as fine-tuning does.
+  checkpoint.init_model = False
 
   return config

@@ -24,12 +24,11 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 from absl import flags
 
 from lm import cli, metrics
 from lm.config import DATA_PARALLEL_AXES, ConfigError, UserError
-from lm.data import pipeline
+from lm.data import batch as batch_lib
 from lm.train import loop
 
 GiB = 2**30
@@ -180,7 +179,7 @@ def compile_step(config: ml_collections.ConfigDict, devices: list[jax.Device], h
   """Compiles `config`'s training step for `devices` (compile-only ones are fine), without allocating
   anything; returns what each device would hold against `hbm_bytes`, and whether it fits."""
   run = loop.setup(config, devices, prepare_data=False)
-  batch = pipeline.abstract_batch(config, run.mesh, run.axis_rules)
+  batch = batch_lib.abstract(config, run.mesh, run.axis_rules)
   rng = jax.eval_shape(lambda: jax.random.key(0))
   data_parallel = math.prod(run.mesh.shape[axis] for axis in DATA_PARALLEL_AXES)  # dcn sizes included
   report = {

@@ -16,6 +16,9 @@ DATA_PARALLEL_AXES = ("data", "fsdp")  # the mesh axes that split the batch
 FAMILIES = ("llama", "gpt2")
 DATA_SOURCES = ("builtin", "synthetic", "text:<dir or glob>", "tfds:<name>[:<version>]")
 TOKENIZER_TYPES = ("bpe", "unigram")
+ROPE_SCALINGS = ("none", "linear", "llama3")
+OBJECTIVES = ("causal_lm", "sft", "classification")
+CHAT_TEMPLATES = ("auto", "llama3", "plain")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 NO_WEIGHT_DECAY_KINDS = ("norm", "bias", "embedding")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -132,6 +135,20 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if model.family == "llama":
     head_dim = model.embed_dim // model.num_heads
     _require(head_dim % 2 == 0, "model.num_heads", f"rotary embeddings need an even head_dim, got {head_dim}")
+  rope_scaling = model.get("rope_scaling", "none")  # configs saved before it existed lack it
+  _one_of(rope_scaling, ROPE_SCALINGS, "model.rope_scaling")
+  if rope_scaling != "none":
+    _require(model.family == "llama", "model.rope_scaling", f"{model.family} has no rotary embeddings; set none")
+    _finite_at_least(model.rope_scaling_factor, 0.0, "model.rope_scaling_factor", inclusive=False)
+  if rope_scaling == "llama3":
+    _finite_at_least(model.rope_low_freq_factor, 0.0, "model.rope_low_freq_factor", inclusive=False)
+    _require(
+        math.isfinite(model.rope_high_freq_factor) and model.rope_high_freq_factor > model.rope_low_freq_factor,
+        "model.rope_high_freq_factor",
+        f"must be > model.rope_low_freq_factor={model.rope_low_freq_factor}, got {model.rope_high_freq_factor}",
+    )
+    original = model.rope_original_max_seq_len
+    _require(original >= 1, "model.rope_original_max_seq_len", f"must be >= 1, got {original}")
   _require(
       not (model.fp8_matmuls and model.dtype == "float16"),
       "model.fp8_matmuls",
@@ -143,6 +160,28 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   _require(model.cudnn_max_documents >= 1, "model.cudnn_max_documents", f"must be >= 1, got {model.cudnn_max_documents}")
   _require(model.loss_chunk_len >= 0, "model.loss_chunk_len", f"must be >= 0 (0: all positions at once), got {model.loss_chunk_len}")
   _require(0.0 <= model.dropout_rate < 1.0, "model.dropout_rate", f"must be in [0, 1), got {model.dropout_rate}")
+
+  objective = config.objective
+  _one_of(objective.name, OBJECTIVES, "objective.name")
+  _one_of(objective.chat_template, CHAT_TEMPLATES, "objective.chat_template")
+  if objective.name == "classification":
+    names = [name.strip() for name in objective.class_names.split(",") if name.strip()] if objective.class_names else []
+    _require(
+        not names or len(names) == objective.num_classes or objective.num_classes == 0,
+        "objective.num_classes",
+        f"{objective.num_classes} classes but objective.class_names names {len(names)}",
+    )
+    _require(
+        max(objective.num_classes, len(names)) >= 2,
+        "objective.num_classes",
+        "classification needs at least 2 classes (set objective.num_classes, or objective.class_names)",
+    )
+  if objective.name != "causal_lm":
+    _require(
+        data.source == "builtin" or data.source.startswith("text:"),
+        "data.source",
+        f"objective {objective.name} reads .jsonl records: give text:<dir or glob> (or builtin), not {data.source}",
+    )
 
   _require(
       data.source in ("builtin", "synthetic") or data.source.startswith(("text:", "tfds:")),

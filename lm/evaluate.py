@@ -1,44 +1,56 @@
-"""Held-out loss, perplexity and bits per byte; `python -m lm.evaluate --workdir=DIR`.
+"""Held-out metrics of a run's objective; `python -m lm.evaluate --workdir=DIR`.
 
     python -m lm.evaluate --workdir=runs/quickstart            # the latest checkpoint
     python -m lm.evaluate --workdir=runs/quickstart --all      # every kept checkpoint
 
-Prints one JSON object per checkpoint: step, loss, perplexity, bits_per_byte, tokens.
-Bits per byte is the loss in bits per UTF-8 byte of the original text, comparable across tokenizers.
+Prints one JSON object per checkpoint: its step and the objective's metrics. Causal LM and SFT:
+loss, perplexity, bits_per_byte (the loss in bits per UTF-8 byte of the scored text, comparable
+across tokenizers) and tokens; classification: loss, accuracy, macro_f1, f1_<class> and examples.
 """
 
 import json
-import math
 from typing import Iterable
 
+import functools
+
+import flax.linen as nn
 import jax
 import numpy as np
 from absl import flags
+from jax.sharding import Mesh
 
-from lm import cli
+from lm import cli, sharding
 from lm.config import UserError
+from lm.objectives import Objective
 
 
-def summarize(sums: dict[str, float]) -> dict[str, float]:
-  """Loss (nats per token), perplexity and bits per byte from summed cross-entropy, tokens and bytes."""
-  loss = float(sums["loss_sum"]) / float(sums["tokens"])
-  return {
-      "loss": loss,
-      "perplexity": math.exp(loss),
-      "bits_per_byte": float(sums["loss_sum"]) / (math.log(2) * float(sums["bytes"])),
-      "tokens": int(sums["tokens"]),
-  }
+def eval_step(params, batch: dict[str, jax.Array], byte_lengths_V: jax.Array, *, model: nn.Module, objective: Objective) -> dict[str, jax.Array]:
+  """The objective's evaluation sums over a batch (they add up over batches)."""
+  return objective.eval_sums(params, model, batch, byte_lengths_V)
 
 
-def evaluate(eval_step, params, batches: Iterable[dict], byte_lengths_V: np.ndarray) -> dict[str, float]:
-  """Runs `eval_step` (lm.train.step.make_eval_step) over `batches` and summarizes the sums."""
+def make_eval_step(
+    model: nn.Module, objective: Objective, mesh: Mesh, axis_rules: sharding.Rules, param_shardings
+) -> sharding.MeshJit:
+  """Jits `eval_step` on the params' shardings; call as step(params, batch, byte_lengths_V) -> sums."""
+  batch_sharding = sharding.logical_sharding(mesh, axis_rules, sharding.BATCH_AXES)
+  jitted = jax.jit(
+      functools.partial(eval_step, model=model, objective=objective),
+      in_shardings=(param_shardings, batch_sharding, sharding.replicated(mesh)),
+      out_shardings=sharding.replicated(mesh),
+  )
+  return sharding.MeshJit(jitted, mesh, axis_rules)
+
+
+def evaluate(eval_step, params, batches: Iterable[dict], byte_lengths_V: np.ndarray, objective: Objective) -> dict[str, float]:
+  """Runs `eval_step` (make_eval_step) over `batches` and summarizes the sums as `objective` does."""
   totals = None
   for batch in batches:
     sums = eval_step(params, batch, byte_lengths_V)
     totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
   if totals is None:
     raise UserError("no evaluation batches: the split holds fewer tokens than one batch (data.batch_size x data.seq_len)")
-  return summarize(jax.device_get(totals))
+  return objective.summarize(jax.device_get(totals))
 
 
 def main() -> None:

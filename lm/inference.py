@@ -7,7 +7,6 @@ straight into shards over this machine's devices (FSDP), whatever mesh trained t
 import dataclasses
 import functools
 import math
-import os
 
 import jax
 import ml_collections
@@ -16,13 +15,15 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from lm import evaluate as evaluate_lib
+from lm import objectives
+from lm.objectives import sft
 from lm import generate as generate_lib
 from lm import sharding
 from lm import workdir as workdir_lib
 from lm.config import UserError, absolute_path
 from lm.data import pipeline, tfds_builder, tokenizer as tokenizer_lib
 from lm.models import Transformer
-from lm.train import checkpoint, state as state_lib, step as step_lib
+from lm import checkpoints as checkpoints_lib
 
 
 
@@ -43,6 +44,7 @@ class LoadedModel:
   step: int
   config: ml_collections.ConfigDict
   tokenizer: tokenizer_lib.Tokenizer | None  # None for a run on synthetic data
+  objective: objectives.Objective
   model: Transformer
   mesh: Mesh
   axis_rules: sharding.Rules
@@ -64,7 +66,7 @@ class LoadedModel:
     if step == self.step:
       return self
     abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding), self.params)
-    params = checkpoint.restore_parts(self._checkpoints, step, {"params": abstract}, "step")["params"]
+    params = checkpoints_lib.restore_parts(self._checkpoints, step, {"params": abstract}, "step")["params"]
     return dataclasses.replace(self, step=step, params=params)
 
   def _require_tokenizer(self) -> tokenizer_lib.Tokenizer:
@@ -77,17 +79,21 @@ class LoadedModel:
     return self._require_tokenizer().byte_lengths(self.config.model.vocab_size)
 
   def evaluate(self, split: str = "validation", max_batches: int = 0) -> dict[str, float]:
-    """Loss, perplexity, bits per byte and tokens over a split of the run's data (all of it if max_batches is 0)."""
+    """The objective's metrics over a split of the run's data (all of it if max_batches is 0): for language
+    models loss, perplexity, bits per byte and tokens; for classification loss, accuracy and F1."""
     config = self.config.copy_and_resolve_references()
     config.data.tokenizer = self._require_tokenizer().path
     config.data.batch_size = -(-config.data.batch_size // self.data_parallel) * self.data_parallel
-    _, dataset = tfds_builder.prepare(config.data)
+    # The data the run was trained on, where it still is; rebuilt (from the same source) only if it is gone.
+    dataset = workdir_lib.recorded_dataset(self.workdir) or tfds_builder.prepare(config.data, self.objective)[1]
     batches = pipeline.eval_batches(config, self.mesh, self.axis_rules, dataset, self.tokenizer.eos_id, max_batches, split)
-    return evaluate_lib.evaluate(self.eval_step, self.params, batches, self._byte_lengths)
+    return evaluate_lib.evaluate(self.eval_step, self.params, batches, self._byte_lengths, self.objective)
 
   def loss(self, texts: list[str]) -> dict[str, float]:
     """Loss, perplexity and bits per byte of each text read as a document of its own, all texts together."""
     tokenizer = self._require_tokenizer()
+    if not isinstance(self.objective, objectives.CausalLM):
+      raise UserError(f"{self.workdir} was trained for {self.objective.name}, not to predict text: use evaluate()")
     documents = [[tokenizer.eos_id] + _encode(tokenizer, text, "text", number) for number, text in enumerate(texts, 1)]
     length = max(len(document) for document in documents) - 1
     num_rows = -(-len(documents) // self.data_parallel) * self.data_parallel
@@ -100,7 +106,7 @@ class LoadedModel:
       batch["segment_ids"][row, :size] = 1
       batch["positions"][row, :size] = np.arange(size)
       batch["weights"][row, :size] = 1.0
-    return evaluate_lib.evaluate(self.eval_step, self.params, [batch], self._byte_lengths)
+    return evaluate_lib.evaluate(self.eval_step, self.params, [batch], self._byte_lengths, self.objective)
 
   def generate(
       self,
@@ -111,12 +117,26 @@ class LoadedModel:
       top_p: float = 1.0,
       seed: int = 0,
   ) -> list[str]:
-    """The continuation of each prompt (each read as the start of a document), up to the end of the document."""
+    """The continuation of each prompt (each read as the start of a document), up to the end of the document.
+
+    A run fine-tuned by SFT answers instead: each prompt is a user message in its chat template, and
+    the reply ends with the template's end of turn.
+    """
     tokenizer = self._require_tokenizer()
-    prompt_ids = [[tokenizer.eos_id] + _encode(tokenizer, prompt, "prompt", number) for number, prompt in enumerate(prompts, 1)]
+    if not isinstance(self.objective, objectives.CausalLM):
+      raise UserError(f"{self.workdir} was trained for {self.objective.name}, not to write text: use evaluate()")
+    if isinstance(self.objective, objectives.SFT):
+      template = sft.template_name(self.objective.config.chat_template, tokenizer)
+      for number, prompt in enumerate(prompts, 1):
+        _encode(tokenizer, prompt, "prompt", number)  # text that is not UTF-8 is named
+      asks = [sft.reply_prompt(prompt, tokenizer, template) for prompt in prompts]
+      prompt_ids, stop_id = [ids for ids, _ in asks], asks[0][1]
+    else:
+      prompt_ids = [[tokenizer.eos_id] + _encode(tokenizer, prompt, "prompt", number) for number, prompt in enumerate(prompts, 1)]
+      stop_id = tokenizer.eos_id
     new_ids = generate_lib.generate_ids(
         self.model, self.params, self.mesh, self.axis_rules, prompt_ids, max_new_tokens=max_new_tokens,
-        eos_id=tokenizer.eos_id, vocab_size=tokenizer.vocab_size, temperature=temperature, top_k=top_k, top_p=top_p,
+        eos_id=stop_id, vocab_size=tokenizer.vocab_size, temperature=temperature, top_k=top_k, top_p=top_p,
         seed=seed,
     )  # fmt: skip
     return [tokenizer.decode(ids) for ids in new_ids]
@@ -133,20 +153,21 @@ def _encode(tokenizer: tokenizer_lib.Tokenizer, text: str, what: str, number: in
 def load(workdir: str, step: int | None = None) -> LoadedModel:
   """The run in `workdir` at checkpoint `step` (default: the latest), on this machine's devices."""
   workdir = absolute_path(workdir)
-  checkpoints = checkpoint.read_only_manager(workdir)
+  checkpoints = checkpoints_lib.read_only_manager(workdir)
   step = checkpoints.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}")
   if step not in checkpoints.all_steps():
     raise FileNotFoundError(f"no checkpoint of step {step} in {checkpoints.directory}; kept: {sorted(checkpoints.all_steps())}")
-  checkpoint.check_intact(checkpoints, step)
-  config = checkpoint.restore_config(checkpoints, step)
-  tokenizer_path = os.path.join(workdir, workdir_lib.TOKENIZER_FILE)
-  tokenizer = tokenizer_lib.Tokenizer(tokenizer_path) if os.path.isfile(tokenizer_path) else None
-  model = Transformer(ml_collections.FrozenConfigDict(config.model))
+  checkpoints_lib.check_intact(checkpoints, step)
+  config = checkpoints_lib.restore_config(checkpoints, step)
+  tokenizer_path = workdir_lib.tokenizer_path(workdir)
+  tokenizer = tokenizer_lib.load(tokenizer_path) if tokenizer_path else None
+  objective = objectives.get(config)
+  model = Transformer(ml_collections.FrozenConfigDict(config.model), num_classes=objective.num_classes)
   mesh = inference_mesh(config)
   axis_rules = sharding.rules(config.mesh)
-  abstract = state_lib.abstract_params(model, mesh, axis_rules)
-  params = checkpoint.restore_parts(checkpoints, step, {"params": abstract}, "step")["params"]
-  eval_step = step_lib.make_eval_step(model, mesh, axis_rules, state_lib.shardings_of(abstract))
-  return LoadedModel(workdir, step, config, tokenizer, model, mesh, axis_rules, params, eval_step, checkpoints)
+  abstract = sharding.abstract_params(model, mesh, axis_rules)
+  params = checkpoints_lib.restore_parts(checkpoints, step, {"params": abstract}, "step")["params"]
+  eval_step = evaluate_lib.make_eval_step(model, objective, mesh, axis_rules, sharding.shardings_of(abstract))
+  return LoadedModel(workdir, step, config, tokenizer, objective, model, mesh, axis_rules, params, eval_step, checkpoints)

@@ -8,6 +8,8 @@ import time
 import jax
 import ml_collections
 
+from lm import workdir as workdir_lib
+
 # Dense bf16 peak FLOP/s per device, by a substring of jax's device_kind (lower case).
 PEAK_FLOPS_BY_DEVICE_KIND = (
     ("h100", 989e12),
@@ -88,11 +90,11 @@ class MetricsWriter:
     if self.enabled:
       from tensorboardX import SummaryWriter  # imported here: only process 0 writes
 
-      jsonl_path = os.path.join(workdir, "metrics.jsonl")
+      jsonl_path = workdir_lib.path(workdir, workdir_lib.METRICS_FILE)
       keep_rows_up_to(jsonl_path, start_step)
       self._jsonl = open(jsonl_path, "a")
       # purge_step makes TensorBoard discard the interrupted run's events after start_step (all of them at 0).
-      self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
+      self._tensorboard = SummaryWriter(workdir_lib.path(workdir, workdir_lib.TENSORBOARD_DIR), purge_step=start_step + 1)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     """Records `metrics` (plain floats) for `step`."""
@@ -110,7 +112,7 @@ class MetricsWriter:
 
   def _line(self, row: dict[str, float]) -> str:
     parts = [f"step {row['step']}/{self.total_steps}"]
-    parts += [f"{name} {row[name]:.4f}" for name in ("loss", "eval_loss") if name in row]
+    parts += [f"{name} {row[name]:.4f}" for name in ("loss", "eval_loss", "eval_accuracy") if name in row]
     if "learning_rate" in row:
       parts.append(f"lr {row['learning_rate']:.2e}")
     if "tokens_per_second" in row:

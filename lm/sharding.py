@@ -6,6 +6,7 @@ from typing import Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import mesh_utils
@@ -120,3 +121,32 @@ def global_batch_from_local(sharding: NamedSharding, local_rows: dict[str, np.nd
       name: jax.make_array_from_process_local_data(sharding, rows, (global_batch,) + rows.shape[1:])
       for name, rows in local_rows.items()
   }
+
+
+def init_params_boxed(model: nn.Module, rng: jax.Array):
+  """A model's initial parameters, still wrapped in their logical-axis metadata."""
+  tokens_BT = jnp.zeros((1, 1), jnp.int32)
+  return model.init(rng, tokens_BT, tokens_BT, tokens_BT)["params"]
+
+
+def abstract_tree(init_boxed: Callable, mesh: Mesh, axis_rules: Rules):
+  """Shapes and dtypes of init_boxed(rng)'s result, each leaf carrying the NamedSharding of its logical axes."""
+  boxed = jax.eval_shape(init_boxed, jax.random.key(0))
+  logical_specs = nn.get_partition_spec(boxed)
+  jax.tree_util.tree_map_with_path(
+      lambda path, leaf, spec: check_divisible(jax.tree_util.keystr(path, simple=True, separator="/"), leaf.shape, spec, mesh, axis_rules),
+      nn.unbox(boxed),
+      logical_specs,
+  )
+  shardings = nn.logical_to_mesh_sharding(logical_specs, mesh, axis_rules)
+  return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), nn.unbox(boxed), shardings)
+
+
+def abstract_params(model: nn.Module, mesh: Mesh, axis_rules: Rules):
+  """A model's parameters: shapes, dtypes and shardings, without computing anything."""
+  return abstract_tree(lambda rng: init_params_boxed(model, rng), mesh, axis_rules)
+
+
+def shardings_of(abstract):
+  """The NamedSharding of every leaf of an abstract tree (parameters, or a whole TrainState)."""
+  return jax.tree.map(lambda leaf: leaf.sharding, abstract)

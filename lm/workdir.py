@@ -20,11 +20,52 @@ import time
 from lm.config import UserError, absolute_path
 
 CONFIG_FILE = "config.json"  # the run's resolved config
-TOKENIZER_FILE = "tokenizer.model"  # a copy of the run's tokenizer
+CHECKPOINTS_DIR = "checkpoints"  # Orbax checkpoints, one folder per step (lm/checkpoints.py)
+METRICS_FILE = "metrics.jsonl"  # one row per logged step
+TENSORBOARD_DIR = "tensorboard"  # the same metrics, and profiles
+DATASET_FILE = "dataset.json"  # where the run's tokenized data is, so that evaluation reads it instead of rebuilding
+# A copy of the run's tokenizer, named by its kind: sentencepiece, or Hugging Face's (with a tokenizer_config.json).
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 LOCK_FILE = "lock"
 HEARTBEAT_SECONDS = 20.0
 STALE_SECONDS = 180.0  # a holder on another host that has not refreshed the lock for this long is gone
 WAIT_SECONDS = 5.0  # between looks at a lock that is waited for
+
+
+def tokenizer_path(workdir: str) -> str | None:
+  """The run's copy of its tokenizer (WORKDIR/tokenizer.model or WORKDIR/tokenizer.json), None if it has none."""
+  for name in TOKENIZER_FILES:
+    path = os.path.join(workdir, name)
+    if os.path.isfile(path):
+      return path
+  return None
+
+
+def path(workdir: str, name: str) -> str:
+  """WORKDIR/name, for the names above."""
+  return os.path.join(absolute_path(workdir), name)
+
+
+def record_dataset(workdir: str, builder) -> None:
+  """Notes the folder of the run's tokenized data (a TFDS builder's) in WORKDIR/dataset.json."""
+  partial = f"{path(workdir, DATASET_FILE)}.partial-{os.getpid()}"
+  with open(partial, "w") as f:
+    json.dump({"data_dir": str(builder.data_dir)}, f)
+  os.replace(partial, path(workdir, DATASET_FILE))
+
+
+def recorded_dataset(workdir: str):
+  """The run's tokenized data, read from the folder noted in WORKDIR/dataset.json; None if that is gone."""
+  try:
+    with open(path(workdir, DATASET_FILE)) as f:
+      data_dir = json.load(f)["data_dir"]
+  except (OSError, ValueError, KeyError):
+    return None
+  if not os.path.isfile(os.path.join(data_dir, "dataset_info.json")):
+    return None
+  import tensorflow_datasets as tfds  # only what reads data needs it
+
+  return tfds.builder_from_directory(data_dir)
 
 
 def _process_start(pid: int) -> str | None:

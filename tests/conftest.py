@@ -79,6 +79,51 @@ def make_document(rng: np.random.Generator, index: int) -> str:
   return "\n".join(lines) + "\n"
 
 
+LLAMA3_SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+# Llama 3's tokenizer.json splits text with this before its byte-level BPE.
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def train_byte_level_bpe(folder, documents: list[str], vocab_size: int = 400, style: str = "llama3") -> str:
+  """Saves a byte-level BPE trained on `documents` as FOLDER/tokenizer.json; returns its path.
+
+  "llama3": Llama 3's layout (a Split pre-tokenizer, ByteLevel without its regex, a post-processor that
+  adds BOS) and its special tokens, with a tokenizer_config.json naming BOS and EOS. "gpt2": GPT-2's
+  (ByteLevel with its regex, <|endoftext|>, no tokenizer_config.json).
+  """
+  import json
+
+  from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+  tokenizer = Tokenizer(models.BPE())
+  if style == "llama3":
+    special_tokens = list(LLAMA3_SPECIAL_TOKENS)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])  # fmt: skip
+  else:
+    special_tokens = ["<|endoftext|>"]
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tokenizer.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      show_progress=False,
+  )  # fmt: skip
+  tokenizer.train_from_iterator(documents, trainer=trainer)
+  if style == "llama3":
+    bos = "<|begin_of_text|>"
+    tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, 0)])
+    config = {"bos_token": bos, "eos_token": "<|end_of_text|>", "tokenizer_class": "PreTrainedTokenizerFast"}
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+      json.dump(config, f)
+  path = os.path.join(folder, "tokenizer.json")
+  tokenizer.save(path)
+  return path
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory):
   """60 plain-text documents in .txt, .md and .py files, in nested folders."""

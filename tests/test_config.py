@@ -1,5 +1,6 @@
 """A config that cannot work fails before compiling, with one line naming the field."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -53,6 +54,12 @@ BAD_CONFIGS = [
     ({"model.norm_eps": float("nan")}, "model.norm_eps"),
     ({"model.init_std": 0.0}, "model.init_std"),
     ({"train.z_loss_weight": -1.0}, "train.z_loss_weight"),
+    ({"model.rope_scaling": "yarn"}, "model.rope_scaling"),
+    ({"model.rope_scaling": "linear", "model.family": "gpt2"}, "model.rope_scaling"),
+    ({"model.rope_scaling": "linear", "model.rope_scaling_factor": 0.0}, "model.rope_scaling_factor"),
+    ({"model.rope_scaling": "llama3", "model.rope_low_freq_factor": float("nan")}, "model.rope_low_freq_factor"),
+    ({"model.rope_scaling": "llama3", "model.rope_high_freq_factor": 1.0}, "model.rope_high_freq_factor"),  # = low
+    ({"model.rope_scaling": "llama3", "model.rope_original_max_seq_len": 0}, "model.rope_original_max_seq_len"),
 ]
 
 
@@ -122,3 +129,23 @@ def test_an_error_of_the_command_itself_is_not_called_an_unknown_field():
   result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert result.returncode != 0
   assert "AttributeError: no attribute shape" in result.stderr and "unknown config field" not in result.stderr
+
+
+def test_from_run_fills_fields_the_run_did_not_have_yet_with_defaults(tmp_path):
+  """A run saved before a field existed (objective.*, say) still loads, and the field can be overridden."""
+  import json
+
+  from lm.config import load_config_file
+
+  saved = json.loads(load_config_file(os.path.join(REPO, "configs", "quickstart.py")).to_json())
+  del saved["objective"], saved["model"]["loss_chunk_len"]
+  saved["model"]["num_layers"] = 3
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  spec = importlib.util.spec_from_file_location("from_run", os.path.join(REPO, "configs", "from_run.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(str(tmp_path))
+  assert config.model.num_layers == 3 and config.objective.name == "causal_lm" and config.model.loss_chunk_len == 128
+  assert config.mesh.logical_axis_rules == load_config_file(os.path.join(REPO, "configs", "default.py")).mesh.logical_axis_rules
+  config.objective.name = "sft"
+  config_lib.validate(config, 8)

@@ -12,15 +12,14 @@ import numpy as np
 import pytest
 
 import lm
-from lm import evaluate, inference, sharding
+from lm import inference, objectives, sharding
 from lm.models import Transformer
-from lm.train import state as state_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_summarize():
-  result = evaluate.summarize({"loss_sum": 60.0, "tokens": 30.0, "bytes": 100.0})
+  result = objectives.CausalLM(None).summarize({"loss_sum": 60.0, "tokens": 30.0, "bytes": 100.0})
   assert result == {"loss": 2.0, "perplexity": math.exp(2.0), "bits_per_byte": 60.0 / (math.log(2) * 100.0), "tokens": 30}
 
 
@@ -107,4 +106,27 @@ def test_the_inference_mesh_uses_the_devices_the_model_width_splits_over(tiny_co
   mesh = inference.inference_mesh(config)
   assert dict(mesh.shape) == {"data": 1, "fsdp": devices, "tensor": 1, "sequence": 1}
   model = Transformer(ml_collections.FrozenConfigDict(config.model))
-  state_lib.abstract_params(model, mesh, sharding.rules(config.mesh))  # every parameter splits evenly
+  sharding.abstract_params(model, mesh, sharding.rules(config.mesh))  # every parameter splits evenly
+
+
+def test_evaluating_a_run_reads_the_data_it_trained_on_without_preparing_it_again(trained_run, monkeypatch):
+  import shutil
+
+  from lm.data import tfds_builder
+
+  _, workdir = trained_run
+  expected = lm.load(workdir).evaluate(max_batches=2)
+  assert json.load(open(os.path.join(workdir, "dataset.json")))["data_dir"].endswith("1.1.0")
+
+  def no_preparing(*args, **kwargs):
+    raise AssertionError("the data was prepared again")
+
+  monkeypatch.setattr(tfds_builder, "prepare", no_preparing)
+  assert lm.load(workdir).evaluate(max_batches=2) == expected
+  moved = os.path.join(os.path.dirname(workdir), "moved-dataset.json")
+  shutil.move(os.path.join(workdir, "dataset.json"), moved)  # a run from before datasets were recorded
+  try:
+    with pytest.raises(AssertionError, match="prepared again"):
+      lm.load(workdir).evaluate(max_batches=2)
+  finally:
+    shutil.move(moved, os.path.join(workdir, "dataset.json"))

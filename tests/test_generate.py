@@ -13,7 +13,6 @@ import lm
 from lm import generate, sharding
 from lm.config import UserError
 from lm.models import Transformer
-from lm.train import state as state_lib
 
 PROMPTS = [[5, 17, 3], [9, 2, 44, 61, 7, 100, 8], [1, 30, 30, 30, 12]]
 
@@ -23,9 +22,9 @@ def _model_and_params(config, mesh_sizes):
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules(config.mesh)
   model = Transformer(ml_collections.FrozenConfigDict(config.model))
-  abstract = state_lib.abstract_params(model, mesh, rules)
+  abstract = sharding.abstract_params(model, mesh, rules)
   tokens = jnp.zeros((1, 1), jnp.int32)
-  init = jax.jit(lambda rng: nn.unbox(model.init(rng, tokens, tokens, tokens)["params"]), out_shardings=state_lib.shardings_of(abstract))
+  init = jax.jit(lambda rng: nn.unbox(model.init(rng, tokens, tokens, tokens)["params"]), out_shardings=sharding.shardings_of(abstract))
   return model, init(jax.random.key(1)), mesh, rules
 
 

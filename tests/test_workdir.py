@@ -110,21 +110,30 @@ def test_of_several_processes_taking_over_one_stale_lock_only_one_gets_it(tmp_pa
   ended = subprocess.Popen([sys.executable, "-c", "pass"])
   ended.wait()
   script = (
-      "import sys, time\n"
+      "import os, sys, time\n"
       "from lm import workdir\n"
       "from lm.config import UserError\n"
-      "time.sleep(float(sys.argv[2]) - time.time())\n"  # all start at the same moment
+      "folder, go, release = sys.argv[1:]\n"
+      "print('ready', flush=True)\n"
+      "while not os.path.exists(go): time.sleep(0.001)\n"  # all try at the same moment, however slow their start
       "try:\n"
-      "  with workdir.Lock(sys.argv[1], 'training'):\n"
-      "    print('held', flush=True); time.sleep(2)\n"
+      "  with workdir.Lock(folder, 'training'):\n"
+      "    print('held', flush=True)\n"
+      "    while not os.path.exists(release): time.sleep(0.01)\n"  # held until every other one has tried
       "except UserError:\n"
       "  print('refused', flush=True)\n"
   )
-  for _ in range(3):
+  for attempt in range(3):
     _write_lock(tmp_path, host=workdir_lib.socket.gethostname(), pid=ended.pid)
-    start = str(time.time() + 4)
-    processes = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), start], cwd=REPO, stdout=subprocess.PIPE,
-                                  text=True) for _ in range(4)]  # fmt: skip
+    go, release = tmp_path.parent / f"go-{attempt}", tmp_path.parent / f"release-{attempt}"
+    processes = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), str(go), str(release)], cwd=REPO,
+                                  stdout=subprocess.PIPE, text=True) for _ in range(4)]  # fmt: skip
+    assert [process.stdout.readline().strip() for process in processes] == ["ready"] * 4
+    go.touch()
+    deadline = time.time() + 300
+    while sum(process.poll() is not None for process in processes) < 3 and time.time() < deadline:
+      time.sleep(0.05)  # the refused ones end; the holder waits for `release`
+    release.touch()
     outcomes = sorted(process.communicate(timeout=120)[0].split()[-1] for process in processes)
     assert outcomes == ["held", "refused", "refused", "refused"]
 

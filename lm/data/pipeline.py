@@ -19,46 +19,14 @@ import tensorflow_datasets as tfds
 from absl import logging
 from jax.sharding import Mesh
 
-from lm import sharding
+from lm import objectives, sharding
 from lm.config import ConfigError
-from lm.data import synthetic, tfds_builder
+from lm.data import batch as batch_lib
+from lm.data import examples, synthetic, tfds_builder
 from lm.models import attention
 
 _READ_THREADS = 4  # grain threads building upcoming batches
 _PREFETCH_BATCHES = 8  # at least _READ_THREADS, or threads sit idle
-
-Rows = dict[str, np.ndarray]  # this process's rows of a batch: inputs, targets, ... [B, T]
-
-
-def packed_rows(tokens_BT1: np.ndarray, eos_id: int) -> Rows:
-  """Windows of T + 1 stream tokens -> model inputs and targets, split into documents.
-
-  Every EOS starts a new segment (it plays the part of a BOS), so a document's first token is
-  predicted from the EOS alone and no token attends across documents; positions restart there.
-  """
-  inputs_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
-  starts_BT = inputs_BT == eos_id
-  starts_BT[:, 0] = True
-  length = inputs_BT.shape[1]
-  last_start_BT = np.maximum.accumulate(np.where(starts_BT, np.arange(length), 0), axis=1)
-  return {
-      "inputs": inputs_BT.astype(np.int32),
-      "targets": targets_BT.astype(np.int32),
-      "segment_ids": np.cumsum(starts_BT, axis=1, dtype=np.int32),
-      "positions": (np.arange(length) - last_start_BT).astype(np.int32),
-      "weights": np.ones(inputs_BT.shape, np.float32),
-  }
-
-
-def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh, axis_rules: sharding.Rules) -> dict[str, jax.ShapeDtypeStruct]:
-  """The shapes, dtypes and shardings of a global training batch of `config`'s data, without reading any."""
-  batch_sharding = sharding.logical_sharding(mesh, axis_rules, sharding.BATCH_AXES)
-  shape = (config.data.batch_size, config.data.seq_len)
-  names = ["inputs", "targets", "positions"] + ([] if config.data.source == "synthetic" else ["segment_ids"])
-  batch = {name: jax.ShapeDtypeStruct(shape, np.int32, sharding=batch_sharding) for name in names}
-  batch["weights"] = jax.ShapeDtypeStruct(shape, np.float32, sharding=batch_sharding)
-  return batch
-
 
 def num_windows(builder: tfds.core.DatasetBuilder, split: str, seq_len: int) -> int:
   """How many windows of seq_len + 1 tokens, T apart, the split's token stream holds."""
@@ -88,9 +56,9 @@ def _windows(builder: tfds.core.DatasetBuilder, split: str, seq_len: int, shuffl
 
 def _rows_of_step(
     windows: grain.MapDataset, global_batch: int, rows: np.ndarray, eos_id: int, max_documents: int | None, step: int
-) -> Rows:
+) -> batch_lib.Rows:
   tokens_BT1 = np.stack([windows[step * global_batch + row] for row in rows])
-  packed = packed_rows(tokens_BT1, eos_id)
+  packed = batch_lib.from_stream(tokens_BT1, eos_id)
   most_documents = int(packed["segment_ids"][:, -1].max())  # segment ids count a row's documents from 1
   if max_documents and most_documents > max_documents:
     logging.log_first_n(
@@ -100,6 +68,10 @@ def _rows_of_step(
         1,
     )
   return packed
+
+
+def _example_rows_of_step(packed: examples.PackedRows, global_batch: int, rows: np.ndarray, seq_len: int, step: int) -> batch_lib.Rows:
+  return batch_lib.from_examples([packed.row(step * global_batch + row) for row in rows], seq_len)
 
 
 def _cudnn_document_cap(config: ml_collections.ConfigDict, mesh: Mesh) -> int | None:
@@ -132,6 +104,9 @@ def train_batches(
         synthetic.rows, data.seed, global_batch=data.batch_size, row_indices=rows, seq_len=data.seq_len,
         vocab_size=config.model.vocab_size,
     )
+  elif objectives.get(config).reads_examples:
+    packed = examples.PackedRows(builder, "train", data.seq_len, seed=data.seed)
+    step_rows = functools.partial(_example_rows_of_step, packed, data.batch_size, rows, data.seq_len)
   else:
     windows = _windows(builder, "train", data.seq_len, shuffle_seed=data.seed)
     step_rows = functools.partial(_rows_of_step, windows, data.batch_size, rows, eos_id, _cudnn_document_cap(config, mesh))
@@ -148,14 +123,22 @@ def eval_batches(
     max_batches: int = 0,
     split: str = "validation",
 ) -> Iterator[dict[str, jax.Array]]:
-  """A split in order, in global batches (the remainder dropped); at most `max_batches` if > 0."""
+  """A split in order, in global batches; at most `max_batches` if > 0.
+
+  A stream's last partial batch is dropped; examples are all kept, the last batch padded with empty rows.
+  """
   data = config.data
   batch_sharding = sharding.logical_sharding(mesh, axis_rules, sharding.BATCH_AXES)
   rows = sharding.process_rows(batch_sharding, (data.batch_size, data.seq_len))
-  windows = _windows(builder, split, data.seq_len, shuffle_seed=None)
-  count = len(windows) // data.batch_size
+  if objectives.get(config).reads_examples:
+    packed = examples.PackedRows(builder, split, data.seq_len, seed=None)
+    count = -(-len(packed) // data.batch_size)
+    step_rows = functools.partial(_example_rows_of_step, packed, data.batch_size, rows, data.seq_len)
+  else:
+    windows = _windows(builder, split, data.seq_len, shuffle_seed=None)
+    count = len(windows) // data.batch_size
+    step_rows = functools.partial(_rows_of_step, windows, data.batch_size, rows, eos_id, _cudnn_document_cap(config, mesh))
   if max_batches > 0:
     count = min(count, max_batches)
-  step_rows = functools.partial(_rows_of_step, windows, data.batch_size, rows, eos_id, _cudnn_document_cap(config, mesh))
   steps = grain.MapDataset.range(count).map(step_rows)
   return _global_batches(steps, batch_sharding, data.batch_size)

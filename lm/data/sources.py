@@ -4,6 +4,7 @@ A source yields raw documents (bytes or str); cleaning and counting happen in th
 Its fingerprint changes when its documents may have changed, and only then.
 """
 
+import ast
 import dataclasses
 import fnmatch
 import glob
@@ -46,8 +47,9 @@ def _hash(*parts) -> str:
   return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _file_documents(paths: list[str], text_key: str) -> Iterator[Document]:
-  """Each file is a document; each line of a .jsonl file is one, its text under `text_key`."""
+def _file_documents(paths: list[str], text_key: str | None) -> Iterator[Document]:
+  """Each file is a document; each line of a .jsonl file is one, its text under `text_key` (None: the whole
+  line, a record for an objective to read)."""
   for path in paths:
     try:
       with open(path, "rb") as f:
@@ -61,7 +63,7 @@ def _file_documents(paths: list[str], text_key: str) -> Iterator[Document]:
     for line_number, line in enumerate(content.splitlines(), 1):
       if not line.strip():
         continue
-      yield f"{path}:{line_number}", _jsonl_text(line, text_key)
+      yield f"{path}:{line_number}", line if text_key is None else _jsonl_text(line, text_key)
 
 
 def _jsonl_text(line: bytes, text_key: str) -> bytes | str | Unusable:
@@ -112,6 +114,41 @@ def builtin() -> Source:
   return Source(f"builtin-py{sys.version_info.major}{sys.version_info.minor}", fingerprint, lambda: _file_documents(paths, ""))
 
 
+def _signature(function: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
+  """The `def` line of a function, as its source would have it with one line of arguments."""
+  returns = f" -> {ast.unparse(function.returns)}" if function.returns else ""
+  prefix = "async def" if isinstance(function, ast.AsyncFunctionDef) else "def"
+  return f"{prefix} {function.name}({ast.unparse(function.args)}){returns}:"
+
+
+def _docstring_pairs(paths: list[str]) -> Iterator[Document]:
+  """{"prompt": a public function's docstring (first paragraph), "response": its def line}, as JSON."""
+  for path in paths:
+    try:
+      with open(path, "rb") as f:
+        tree = ast.parse(f.read())
+    except (OSError, SyntaxError, ValueError):  # unreadable, or Python of another version
+      continue
+    for node in ast.walk(tree):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
+        docstring = ast.get_docstring(node)
+        if docstring:
+          paragraph = docstring.strip().split("\n\n")[0]
+          yield f"{path}:{node.lineno}", json.dumps({"prompt": paragraph, "response": _signature(node)})
+
+
+def builtin_chats() -> Source:
+  """Prompt/response pairs from this Python's standard library: a function's docstring, then its signature."""
+  root = sysconfig.get_paths()["stdlib"]
+  paths = []
+  for directory, subdirectories, files in os.walk(root):
+    subdirectories[:] = sorted(d for d in subdirectories if d not in _BUILTIN_SKIPPED_DIRS)
+    paths += [os.path.join(directory, name) for name in sorted(files) if name.endswith(".py")]
+  fingerprint = _hash("builtin_chats", sys.version, root, len(paths))
+  slug = f"builtin-chats-py{sys.version_info.major}{sys.version_info.minor}"
+  return Source(slug, fingerprint, lambda: _docstring_pairs(paths))
+
+
 def _matches(parts: list[str], pattern: list[str]) -> bool:
   """Whether path components match glob components, as glob(recursive=True) does: ** matches any number
   of folders, and the other wildcards stay within one component."""
@@ -131,8 +168,10 @@ def _size_and_time(path: str) -> tuple[int, float]:
   return status.st_size, status.st_mtime
 
 
-def text_files(pattern: str, text_key: str) -> Source:
-  """Every .txt, .md, .py and .jsonl file under a directory (recursively) or matching a glob."""
+def text_files(pattern: str, text_key: str | None) -> Source:
+  """Every .txt, .md, .py and .jsonl file under a directory (recursively) or matching a glob; with
+  `text_key` None, every .jsonl file, its lines whole (records)."""
+  extensions = TEXT_EXTENSIONS if text_key is not None else (".jsonl",)
   pattern = os.path.expanduser(pattern)
   if os.path.isdir(pattern):
     candidates = list(_walk(pattern))
@@ -142,9 +181,9 @@ def text_files(pattern: str, text_key: str) -> Source:
     candidates = [path for path in _walk(root) if _matches(os.path.relpath(path, root).split(os.sep), rest)]
   else:
     candidates = glob.glob(pattern)
-  paths = sorted(p for p in candidates if (os.path.isfile(p) or os.path.islink(p)) and p.endswith(TEXT_EXTENSIONS))
+  paths = sorted(p for p in candidates if (os.path.isfile(p) or os.path.islink(p)) and p.endswith(extensions))
   if not paths:
-    raise FileNotFoundError(f"data.source: no {', '.join(TEXT_EXTENSIONS)} files at {pattern}")
+    raise FileNotFoundError(f"data.source: no {', '.join(extensions)} files at {pattern}")
   stats = [(p, *_size_and_time(p)) for p in paths]
   slug = "text-" + "".join(c if c.isalnum() else "_" for c in os.path.basename(pattern.rstrip("/*")) or "files")[:40]
   return Source(slug, _hash("text", stats, text_key), lambda: _file_documents(paths, text_key))
@@ -177,12 +216,16 @@ def tfds_dataset(spec: str, data_dir: str, split: str, text_key: str) -> Source:
   return Source("tfds-" + builder.info.full_name.replace("/", "_"), fingerprint, documents)
 
 
-def from_config(data: ml_collections.ConfigDict) -> Source:
-  """The source named by data.source ("builtin", "text:<dir or glob>", "tfds:<name>[:<version>]")."""
+def from_config(data: ml_collections.ConfigDict, records: bool = False) -> Source:
+  """The source named by data.source ("builtin", "text:<dir or glob>", "tfds:<name>[:<version>]").
+
+  With `records`, for an objective that reads .jsonl records: each .jsonl line whole, and for
+  "builtin" the standard library's docstring/signature pairs.
+  """
   if data.source == "builtin":
-    return builtin()
+    return builtin_chats() if records else builtin()
   if data.source.startswith("text:"):
-    return text_files(data.source[len("text:") :], data.text_key)
+    return text_files(data.source[len("text:") :], None if records else data.text_key)
   if data.source.startswith("tfds:"):
     return tfds_dataset(data.source[len("tfds:") :], data.tfds_data_dir, data.tfds_split, data.text_key)
   raise ValueError(f"data.source: unknown source {data.source!r}")

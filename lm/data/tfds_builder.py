@@ -61,7 +61,8 @@ def split_of(text: str, validation_fraction: float) -> tuple[str, bytes]:
 
 def skipped(counts: collections.Counter) -> str:
   """What was skipped and why, e.g. "3 unreadable, 2 missing_text_key", or "nothing"."""
-  return ", ".join(f"{counts[reason]:,} {reason}" for reason in SKIP_REASONS if counts.get(reason)) or "nothing"
+  reasons = [*SKIP_REASONS, *(reason for reason in counts if reason not in SKIP_REASONS)]
+  return ", ".join(f"{counts[reason]:,} {reason}" for reason in reasons if counts.get(reason)) or "nothing"
 
 
 def whole_documents(source: sources.Source, counts: collections.Counter | None = None) -> Iterator[str]:
@@ -191,13 +192,18 @@ class TokenizedText(tfds.core.GeneratorBasedBuilder):
       self.info.metadata[f"{split}_{name}"] = counts[name]
 
 
-def prepare(data: ml_collections.ConfigDict) -> tuple[tokenizer_lib.Tokenizer, TokenizedText]:
+def prepare(data: ml_collections.ConfigDict, objective=None):
   """Trains (or loads) the tokenizer and builds the shards if they are missing; returns both.
 
+  The shards hold a token stream (TokenizedText), or with an `objective` that reads .jsonl records,
+  its examples (lm.data.examples.TokenizedExamples); the tokenizer is trained on the plain text.
   Process 0 builds first; the others wait, then find the shards (or build their own copy when the
   data directory is not shared).
   """
+  from lm.data import examples  # it builds on this module
+
   data_dir = os.path.expanduser(data.data_dir)
+  reads_examples = objective is not None and objective.reads_examples
   source = sources.from_config(data)
 
   def build() -> tuple[tokenizer_lib.Tokenizer, TokenizedText]:
@@ -209,17 +215,27 @@ def prepare(data: ml_collections.ConfigDict) -> tuple[tokenizer_lib.Tokenizer, T
 
   def build_unlocked() -> tuple[tokenizer_lib.Tokenizer, TokenizedText]:
     tokenizer = load_or_train_tokenizer(data, source, data_dir)
-    builder = TokenizedText(
-        source=source,
-        tokenizer=tokenizer,
-        validation_fraction=data.validation_fraction,
-        max_document_chars=data.max_document_chars,
-        data_dir=os.path.join(data_dir, "tfds"),
-    )
+    if reads_examples:
+      builder = examples.TokenizedExamples(
+          source=sources.from_config(data, records=True),
+          tokenizer=tokenizer,
+          objective=objective,
+          seq_len=data.seq_len,
+          validation_fraction=data.validation_fraction,
+          data_dir=os.path.join(data_dir, "tfds"),
+      )
+    else:
+      builder = TokenizedText(
+          source=source,
+          tokenizer=tokenizer,
+          validation_fraction=data.validation_fraction,
+          max_document_chars=data.max_document_chars,
+          data_dir=os.path.join(data_dir, "tfds"),
+      )
     if not builder.is_prepared():
       distributed.log(f"Tokenizing {data.source} into {builder.data_dir}")
       builder.download_and_prepare()
-      distributed.log(summary(builder))
+      distributed.log(examples.summary(builder) if reads_examples else summary(builder))
     return tokenizer, builder
 
   if jax.process_count() == 1:
@@ -238,7 +254,7 @@ def load_or_train_tokenizer(data: ml_collections.ConfigDict, source: sources.Sou
   """data.tokenizer if given, else the tokenizer trained on this source (trained now if missing)."""
   if data.tokenizer:
     try:
-      tokenizer = tokenizer_lib.Tokenizer(os.path.expanduser(data.tokenizer))
+      tokenizer = tokenizer_lib.load(os.path.expanduser(data.tokenizer))
     except (OSError, UserError) as error:
       raise ConfigError(f"data.tokenizer: {error}") from None
     tokenizer.check_lossless("data.tokenizer")

@@ -4,8 +4,9 @@
     python -m lm.interop import hf/some_llama --workdir=runs/imported [--tokenizer=tokenizer.model] [--overwrite]
 
 `export` writes what transformers' from_pretrained loads (LlamaForCausalLM or GPT2LMHeadModel,
-safetensors, the tokenizer as a LlamaTokenizer). `import` writes an lm run: config.json, a
-checkpoint at step 0 and the tokenizer, which lm.load / lm.evaluate / lm.generate read and
+safetensors, the tokenizer as a LlamaTokenizer or, a tokenizer.json, as a PreTrainedTokenizerFast).
+`import` writes an lm run: config.json, a checkpoint at step 0 and the tokenizer (the folder's
+tokenizer.model, else its tokenizer.json), which lm.load / lm.evaluate / lm.generate read and
 `python -m lm.train --config=configs/from_run.py:WORKDIR` continues.
 
 Neither writes into a folder that holds anything unless --overwrite is given, and neither ever
@@ -25,6 +26,7 @@ from absl import app, flags
 from lm import cli, distributed, inference, sharding
 from lm import workdir as workdir_lib
 from lm.config import DEFAULT_CONFIG_FILE, UserError, absolute_path, load_config_file
+from lm.data import tokenizer as tokenizer_lib
 from lm.interop import hf
 from lm.models import Transformer
 from lm.train import checkpoint, optimizer, state as state_lib
@@ -32,7 +34,7 @@ from lm.train import checkpoint, optimizer, state as state_lib
 _WORKDIR = flags.DEFINE_string("workdir", None, "The lm run: read by export, written by import.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "export: the checkpoint step; default the latest.")
 _OUT = flags.DEFINE_string("out", None, "export: the Hugging Face directory to write.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "import: a sentencepiece .model, if the checkpoint has none.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "import: a sentencepiece .model or a tokenizer.json, if HF_DIR has none.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace what the --out (export) or --workdir (import) folder holds.")
 
 
@@ -85,6 +87,9 @@ def import_checkpoint(hf_dir: str, workdir: str, tokenizer_path: str | None, ove
   hf_dir, workdir = absolute_path(hf_dir), absolute_path(workdir)
   _refuse_overlap(workdir, hf_dir, "--workdir", "the Hugging Face folder")
   model_config, params = hf.load(hf_dir)
+  # A sentencepiece model first, as Llama 2's folders hold both (the names are those a workdir keeps).
+  tokenizer_path = absolute_path(tokenizer_path) if tokenizer_path else workdir_lib.tokenizer_path(hf_dir)
+  tokenizer = tokenizer_lib.load(tokenizer_path) if tokenizer_path else None
   with workdir_lib.Lock(workdir, "import"):  # a run training there, or another import, is refused by name
     for name in _refuse_contents(workdir, "--workdir", overwrite, ignored=(workdir_lib.LOCK_FILE,)):
       path = os.path.join(workdir, name)
@@ -92,27 +97,25 @@ def import_checkpoint(hf_dir: str, workdir: str, tokenizer_path: str | None, ove
         shutil.rmtree(path)
       else:
         os.remove(path)
-    _write_run(hf_dir, workdir, model_config, params, tokenizer_path)
+    _write_run(hf_dir, workdir, model_config, params, tokenizer)
 
 
-def _write_run(hf_dir: str, workdir: str, model_config, params, tokenizer_path: str | None) -> None:
+def _write_run(hf_dir: str, workdir: str, model_config, params, tokenizer: tokenizer_lib.Tokenizer | None) -> None:
   """The run of an import: tokenizer, a step-0 checkpoint, config.json."""
   config = load_config_file(DEFAULT_CONFIG_FILE)
   config.model = model_config
-  tokenizer_path = absolute_path(tokenizer_path) if tokenizer_path else os.path.join(hf_dir, "tokenizer.model")
-  if os.path.isfile(tokenizer_path):
-    shutil.copyfile(tokenizer_path, os.path.join(workdir, workdir_lib.TOKENIZER_FILE))
-    config.data.tokenizer = os.path.join(workdir, workdir_lib.TOKENIZER_FILE)
+  if tokenizer:
+    config.data.tokenizer = tokenizer.copy_to(workdir)
   else:
-    distributed.log(f"No sentencepiece tokenizer ({tokenizer_path}); pass --tokenizer to evaluate or train on text")
+    distributed.log(f"No tokenizer.model or tokenizer.json in {hf_dir}; pass --tokenizer to evaluate or train on text")
 
   mesh = inference.inference_mesh(config)  # FSDP: a large model is never copied whole onto each device
   axis_rules = sharding.rules(config.mesh)
   model = Transformer(ml_collections.FrozenConfigDict(config.model))
   tx, _ = optimizer.make(config.optimizer, config.train.steps)
   abstract = state_lib.abstract_state(model, tx, mesh, axis_rules)
-  params = jax.device_put(params, state_lib.shardings_of(abstract).params)
-  opt_state = jax.jit(lambda params: tx.init(optimizer.to_float32(params)), out_shardings=state_lib.shardings_of(abstract).opt_state)(params)
+  params = jax.device_put(params, sharding.shardings_of(abstract).params)
+  opt_state = jax.jit(lambda params: tx.init(optimizer.to_float32(params)), out_shardings=sharding.shardings_of(abstract).opt_state)(params)
   state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
   saver = checkpoint.Saver(checkpoint.manager(workdir, config.checkpoint))
   data = {"dataset": f"imported from {hf_dir}", "seed": config.data.seed, "next_step": 0}

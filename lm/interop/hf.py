@@ -1,7 +1,7 @@
 """Hugging Face checkpoints: lm params <-> `LlamaForCausalLM` / `GPT2LMHeadModel` safetensors.
 
     model_config, params = hf.load("path/to/hf_dir")   # params as lm.models.Transformer takes them
-    hf.save(model_config, params, "path/to/out_dir", tokenizer_path="tokenizer.model")
+    hf.save(model_config, params, "path/to/out_dir", tokenizer_path="tokenizer.model")  # or a tokenizer.json
 
 Neither direction needs torch or transformers: weights go through safetensors' numpy API and the
 configs are plain JSON. lm's rotary embedding already uses Hugging Face's half-split layout and
@@ -20,6 +20,7 @@ import numpy as np
 import safetensors.numpy
 
 from lm.config import ConfigError, DEFAULT_CONFIG_FILE, load_config_file
+from lm.data import tokenizer as tokenizer_lib
 from lm.models import transformer
 
 MAX_SHARD_BYTES = 5 * 2**30  # larger checkpoints are split into model-0000i-of-0000n.safetensors
@@ -120,19 +121,36 @@ def to_hf_tensors(model: ml_collections.ConfigDict, params: dict) -> dict[str, n
   return {name: np.ascontiguousarray(value) for name, value in tensors.items()}
 
 
-def hf_config(model: ml_collections.ConfigDict, eos_id: int) -> dict:
-  """config.json for transformers. lm's documents start after an EOS, so EOS is also the BOS."""
-  common = {"vocab_size": model.vocab_size, "tie_word_embeddings": model.tie_embeddings, "bos_token_id": eos_id,
+def _rope_scaling_to_hf(model: ml_collections.ConfigDict) -> dict | None:
+  """transformers' rope_scaling for model.rope_scaling; None for none."""
+  scaling = model.get("rope_scaling", "none")  # configs saved before it existed lack it
+  if scaling == "linear":
+    return {"rope_type": "linear", "factor": model.rope_scaling_factor}
+  if scaling == "llama3":
+    return {
+        "rope_type": "llama3", "factor": model.rope_scaling_factor, "low_freq_factor": model.rope_low_freq_factor,
+        "high_freq_factor": model.rope_high_freq_factor,
+        "original_max_position_embeddings": model.rope_original_max_seq_len,
+    }  # fmt: skip
+  return None
+
+
+def hf_config(model: ml_collections.ConfigDict, eos_id: int, bos_id: int | None = None) -> dict:
+  """config.json for transformers. lm's documents start after an EOS, so EOS is also the BOS unless `bos_id` is given."""
+  bos_id = eos_id if bos_id is None else bos_id
+  common = {"vocab_size": model.vocab_size, "tie_word_embeddings": model.tie_embeddings, "bos_token_id": bos_id,
             "eos_token_id": eos_id, "torch_dtype": model.param_dtype}  # fmt: skip
   if model.family == "llama":
+    scaling = _rope_scaling_to_hf(model)
+    rope = {"rope_type": "default", **(scaling or {}), "rope_theta": model.rope_theta}
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", **common,
         "hidden_size": model.embed_dim, "intermediate_size": model.mlp_dim, "num_hidden_layers": model.num_layers,
         "num_attention_heads": model.num_heads, "num_key_value_heads": model.num_kv_heads,
         "head_dim": model.embed_dim // model.num_heads, "max_position_embeddings": model.max_seq_len,
         "rms_norm_eps": model.norm_eps, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-        # transformers < 5 reads rope_theta, 5 and later rope_parameters.
-        "rope_theta": model.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": model.rope_theta},
+        # transformers < 5 reads rope_theta and rope_scaling, 5 and later rope_parameters.
+        "rope_theta": model.rope_theta, "rope_scaling": scaling, "rope_parameters": rope,
     }  # fmt: skip
   return {
       "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **common,
@@ -142,15 +160,24 @@ def hf_config(model: ml_collections.ConfigDict, eos_id: int) -> dict:
   }  # fmt: skip
 
 
-def _write_tokenizer(tokenizer_path: str, out_dir: str, max_length: int) -> None:
-  """The sentencepiece model, wrapped as a LlamaTokenizer that (like lm) starts every text with EOS."""
-  shutil.copyfile(tokenizer_path, os.path.join(out_dir, "tokenizer.model"))
-  special = {"bos_token": "</s>", "eos_token": "</s>", "unk_token": "<unk>"}
-  config = {
-      "tokenizer_class": "LlamaTokenizer", **special, "add_bos_token": True, "add_eos_token": False,
-      "add_prefix_space": False, "legacy": True, "clean_up_tokenization_spaces": False, "model_max_length": max_length,
-  }  # fmt: skip
-  for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
+def _write_tokenizer(tokenizer: tokenizer_lib.Tokenizer, out_dir: str, max_length: int) -> None:
+  """A sentencepiece model wrapped as a LlamaTokenizer that (like lm) starts every text with EOS; a tokenizer.json
+  as it is (its own BOS handling), as a PreTrainedTokenizerFast."""
+  if isinstance(tokenizer, tokenizer_lib.HfTokenizer):
+    tokenizer.copy_to(out_dir)  # with a tokenizer_config.json naming its BOS and EOS
+    with open(os.path.join(out_dir, tokenizer_lib.HF_CONFIG_FILE)) as f:
+      config = json.load(f)
+    special = {key: config[key] for key in ("bos_token", "eos_token") if config[key] is not None}
+    # decode() must not drop the spaces before punctuation that lm's decode keeps.
+    config.update(tokenizer_class="PreTrainedTokenizerFast", clean_up_tokenization_spaces=False, model_max_length=max_length)
+  else:
+    shutil.copyfile(tokenizer.path, os.path.join(out_dir, "tokenizer.model"))
+    special = {"bos_token": "</s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    config = {
+        "tokenizer_class": "LlamaTokenizer", **special, "add_bos_token": True, "add_eos_token": False,
+        "add_prefix_space": False, "legacy": True, "clean_up_tokenization_spaces": False, "model_max_length": max_length,
+    }  # fmt: skip
+  for name, content in ((tokenizer_lib.HF_CONFIG_FILE, config), ("special_tokens_map.json", special)):
     with open(os.path.join(out_dir, name), "w") as f:
       json.dump(content, f, indent=2)
 
@@ -165,8 +192,11 @@ def save(
 ) -> None:
   """Writes a directory that transformers' from_pretrained loads: config, safetensors weights, tokenizer.
 
+  `tokenizer_path`: a sentencepiece model or a tokenizer.json (whose own BOS, if any, becomes the model's).
   Embedding rows past `tokenizer_vocab_size` (lm pads the vocabulary) are suppressed in generation.
   """
+  tokenizer = tokenizer_lib.load(tokenizer_path) if tokenizer_path else None
+  bos_id = tokenizer.bos_id if isinstance(tokenizer, tokenizer_lib.HfTokenizer) and tokenizer.bos_id >= 0 else eos_id
   os.makedirs(out_dir, exist_ok=True)
   tensors = to_hf_tensors(model, params)
   shards, shard, shard_bytes = [], {}, 0
@@ -189,14 +219,14 @@ def save(
     with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w") as f:
       json.dump(index, f, indent=2)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(hf_config(model, eos_id), f, indent=2)
-  generation = {"bos_token_id": eos_id, "eos_token_id": eos_id}
+    json.dump(hf_config(model, eos_id, bos_id), f, indent=2)
+  generation = {"bos_token_id": bos_id, "eos_token_id": eos_id}
   if tokenizer_vocab_size and tokenizer_vocab_size < model.vocab_size:
     generation["suppress_tokens"] = list(range(tokenizer_vocab_size, model.vocab_size))
   with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
     json.dump(generation, f, indent=2)
-  if tokenizer_path:
-    _write_tokenizer(tokenizer_path, out_dir, model.max_seq_len)
+  if tokenizer:
+    _write_tokenizer(tokenizer, out_dir, model.max_seq_len)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,14 +237,26 @@ def _unsupported(feature: str) -> ConfigError:
   return ConfigError(f"config.json: {feature} is not supported by lm's Transformer")
 
 
+def _rope_field(rope: dict, rope_type: str, name: str):
+  if rope.get(name) is None:
+    raise ConfigError(f"config.json: rope_scaling {rope_type} lacks {name}")
+  return rope[name]
+
+
 def model_config_from_hf(hf: dict) -> ml_collections.ConfigDict:
   """lm's `model` config section for a transformers config.json (as a dict)."""
   model = load_config_file(DEFAULT_CONFIG_FILE).model
   model_type = hf.get("model_type")
   if model_type == "llama":
-    rope = hf.get("rope_parameters") or {}
-    if hf.get("rope_scaling") or rope.get("rope_type", "default") != "default":
-      raise _unsupported(f"rope scaling {hf.get('rope_scaling') or rope}")
+    # transformers < 5 writes rope_theta and rope_scaling ("type" before 4.45), 5 and later rope_parameters;
+    # given both, each reads rope_scaling.
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "linear", "llama3"):
+      raise _unsupported(f"rope_scaling type {rope_type!r} (lm reads linear and llama3)")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+      raise _unsupported(f"partial_rotary_factor={rope['partial_rotary_factor']}")
     for flag in ("attention_bias", "mlp_bias"):
       if hf.get(flag):
         raise _unsupported(f"{flag}=true")
@@ -226,9 +268,17 @@ def model_config_from_hf(hf: dict) -> ml_collections.ConfigDict:
     model.update(
         family="llama", vocab_size=hf["vocab_size"], num_layers=hf["num_hidden_layers"], embed_dim=hf["hidden_size"],
         num_heads=num_heads, num_kv_heads=hf.get("num_key_value_heads") or num_heads, mlp_dim=hf["intermediate_size"],
-        max_seq_len=hf.get("max_position_embeddings", 2048), rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        max_seq_len=hf.get("max_position_embeddings", 2048), rope_theta=float(rope_theta),
         norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False),
     )  # fmt: skip
+    if rope_type != "default":
+      model.rope_scaling = rope_type
+      model.rope_scaling_factor = float(_rope_field(rope, rope_type, "factor"))
+    if rope_type == "llama3":
+      model.rope_low_freq_factor = float(_rope_field(rope, rope_type, "low_freq_factor"))
+      model.rope_high_freq_factor = float(_rope_field(rope, rope_type, "high_freq_factor"))
+      # transformers falls back on max_position_embeddings, as here.
+      model.rope_original_max_seq_len = int(rope.get("original_max_position_embeddings") or model.max_seq_len)
   elif model_type == "gpt2":
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
       raise _unsupported(f"activation_function={hf['activation_function']!r}")

@@ -280,8 +280,9 @@ class Attention(nn.Module):
     k_BSKH = layers.Projection(cfg, (cfg.num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), name="key")(x_BTD)
     v_BSKH = layers.Projection(cfg, (cfg.num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), name="value")(x_BTD)
     if cfg.family == "llama":
-      q_BTNH = layers.apply_rotary(q_BTNH, positions_BT, cfg.rope_theta)
-      k_BSKH = layers.apply_rotary(k_BSKH, positions_BT, cfg.rope_theta)
+      inv_freq_F = layers.rope_frequencies(cfg)
+      q_BTNH = layers.apply_rotary(q_BTNH, positions_BT, inv_freq_F)
+      k_BSKH = layers.apply_rotary(k_BSKH, positions_BT, inv_freq_F)
     q_BTNH = layers.constrain(q_BTNH, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
     k_BSKH = layers.constrain(k_BSKH, ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
     v_BSKH = layers.constrain(v_BSKH, ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))

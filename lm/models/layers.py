@@ -141,10 +141,32 @@ class Mlp(nn.Module):
     return checkpoint_name(out_BTD, "mlp_down")
 
 
-def apply_rotary(x_BTND: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
-  """Rotates feature pairs (i, i + D/2) by position-dependent angles (the Hugging Face Llama layout)."""
-  head_dim = x_BTND.shape[-1]
-  inv_freq_F = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+  """[head_dim / 2] float32 inverse frequencies of the rotary embedding, scaled as cfg.rope_scaling says
+  (as transformers' modeling_rope_utils does for "linear" and "llama3")."""
+  head_dim = cfg.embed_dim // cfg.num_heads
+  inv_freq_F = 1.0 / cfg.rope_theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  scaling = cfg.get("rope_scaling", "none")  # configs saved before it existed lack it
+  if scaling == "linear":  # positions divided by the factor, which is the same as frequencies
+    return inv_freq_F / cfg.rope_scaling_factor
+  if scaling == "llama3":
+    # Long wavelengths (low frequencies) are divided by the factor, short ones kept, and those between blended.
+    original, factor = cfg.rope_original_max_seq_len, cfg.rope_scaling_factor
+    low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    wavelength_F = 2 * jnp.pi / inv_freq_F
+    scaled_F = jnp.where(wavelength_F > original / low, inv_freq_F / factor, inv_freq_F)
+    smooth_F = (original / wavelength_F - low) / (high - low)
+    blended_F = (1 - smooth_F) * scaled_F / factor + smooth_F * scaled_F
+    between_F = (wavelength_F >= original / high) & (wavelength_F <= original / low)
+    return jnp.where(between_F, blended_F, scaled_F)
+  return inv_freq_F
+
+
+def apply_rotary(x_BTND: jax.Array, positions_BT: jax.Array, inv_freq_F: jax.Array) -> jax.Array:
+  """Rotates feature pairs (i, i + D/2) by position-dependent angles (the Hugging Face Llama layout).
+
+  inv_freq_F: rope_frequencies(cfg), one per pair.
+  """
   angles_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq_F
   sin_BT1F, cos_BT1F = jnp.sin(angles_BTF)[:, :, None, :], jnp.cos(angles_BTF)[:, :, None, :]
   x1, x2 = jnp.split(x_BTND.astype(jnp.float32), 2, axis=-1)

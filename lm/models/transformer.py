@@ -49,6 +49,7 @@ class Transformer(nn.Module):
   """Llama- or GPT-2-style decoder, chosen by cfg.family. Call with [B, T] int32 arrays."""
 
   cfg: layers.ModelConfig
+  num_classes: int = 0  # > 0: a classification head ("classifier", [embed, classes]) for the objective to apply
 
   @nn.compact
   def __call__(
@@ -94,6 +95,8 @@ class Transformer(nn.Module):
         x_BTD, _ = block(cfg, deterministic, decode, name=f"layers_{i}")(x_BTD, segment_ids_BT, positions_BT)
 
     x_BTD = layers.norm(cfg, "final_norm")(x_BTD)
+    if self.num_classes and self.is_initializing():  # created here, applied by lm.objectives.classification
+      layers.Projection(cfg, (self.num_classes,), ("embed", None), bias=False, fp8=False, name="classifier")(x_BTD)
     if hidden_only and not self.is_initializing():
       return x_BTD
     if cfg.tie_embeddings:

@@ -4,13 +4,12 @@ A checkpoint holds four items: the TrainState, the data position, the config and
 (step, tokens seen, training seconds, lm version). Orbax writes each step into a temporary
 directory and renames it when complete, so a checkpoint interrupted mid-write is never restored.
 
-Once a step is complete, the SHA-256 of each of its files goes into its DIGESTS_FILE; a restore
-checks them first. A damaged step (a file changed, cut short or gone) is set aside as
-damaged-STEP-TIME and the step before it restored instead.
+Reading checkpoints (digests, a step's config or parts of its state) is lm/checkpoints.py. Before
+resuming, a damaged step (a file changed, cut short or gone) is set aside as damaged-STEP-TIME and
+the step before it restored instead.
 """
 
 import contextlib
-import concurrent.futures
 import dataclasses
 import json
 import logging as logging_lib
@@ -21,7 +20,6 @@ import sys
 import threading
 import time
 import warnings
-import zlib
 from typing import Any
 
 import jax
@@ -31,22 +29,18 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 import lm
+from lm import checkpoints as stored_lib
 from lm import distributed
-from lm.config import ConfigError, UserError, absolute_path
+from lm import workdir as workdir_lib
+from lm.config import ConfigError, UserError
 from lm.train.state import TrainState
 
-ITEMS = ("state", "data", "config", "metadata")
-DIGESTS_FILE = "lm_digests.json"
 DAMAGED_PREFIX = "damaged-"  # a damaged step's folder, renamed so that Orbax no longer sees it
-
-
-def _json_handlers() -> dict[str, ocp.JsonCheckpointHandler]:
-  return {name: ocp.JsonCheckpointHandler() for name in ITEMS if name != "state"}
 
 
 def directory(workdir: str) -> str:
   """Where a run's checkpoints live."""
-  return os.path.join(absolute_path(workdir), "checkpoints")
+  return workdir_lib.path(workdir, workdir_lib.CHECKPOINTS_DIR)
 
 
 def manager(workdir: str, checkpoint: ml_collections.ConfigDict) -> ocp.CheckpointManager:
@@ -58,7 +52,7 @@ def manager(workdir: str, checkpoint: ml_collections.ConfigDict) -> ocp.Checkpoi
       cleanup_tmp_directories=True,  # leftovers of a save that was killed
   )
   # Handlers named up front, so the stored state's shapes can be read before restoring it.
-  item_handlers = {"state": ocp.StandardCheckpointHandler(), **_json_handlers()}
+  item_handlers = {"state": ocp.StandardCheckpointHandler(), **stored_lib.json_handlers()}
   return ocp.CheckpointManager(directory(workdir), options=options, item_handlers=item_handlers)
 
 
@@ -81,58 +75,6 @@ def save(
       ),
       force=True,  # the loop decides when to save
   )
-
-
-def _one_line(error: Exception) -> str:
-  return " ".join(str(error).split())[:200]
-
-
-def _step_dir(checkpoints: ocp.CheckpointManager, step: int) -> str:
-  return os.path.join(str(checkpoints.directory), str(step))
-
-
-def _file_digest(path: str) -> str:
-  """"SIZE:CRC32" of a file, read in large blocks (zlib releases the GIL, so files hash in parallel)."""
-  crc = 0
-  with open(path, "rb") as f:
-    while block := f.read(1 << 24):
-      crc = zlib.crc32(block, crc)
-  return f"{os.path.getsize(path)}:{crc:08x}"
-
-
-def _file_digests(step_dir: str) -> dict[str, str]:
-  """The digest of every file of a step folder (its own digests file aside), by path inside it."""
-  paths = []
-  for directory, _, files in os.walk(step_dir):
-    paths += [os.path.join(directory, name) for name in files if not name.startswith(DIGESTS_FILE)]
-  with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-    digests = pool.map(_file_digest, paths)
-  return {os.path.relpath(path, step_dir): digest for path, digest in sorted(zip(paths, digests))}
-
-
-def write_digests(checkpoints: ocp.CheckpointManager) -> None:
-  """Writes the digests of every complete step that has none yet (process 0; call when no save is running).
-
-  A step whose digests cannot be written (a full disk, say) is left without: it is then checked by
-  reading it, as a step saved by an older lm is.
-  """
-  if jax.process_index() != 0:
-    return
-  for step in checkpoints.all_steps():
-    path = os.path.join(_step_dir(checkpoints, step), DIGESTS_FILE)
-    if os.path.exists(path):
-      continue
-    partial = f"{path}.partial-{os.getpid()}"
-    try:
-      digests = _file_digests(_step_dir(checkpoints, step))
-      with open(partial, "w") as f:
-        json.dump(digests, f)
-      os.replace(partial, path)
-    except OSError as error:  # the step deleted meanwhile (by hand), or no room for the file
-      if os.path.exists(partial):
-        os.remove(partial)
-      if not isinstance(error, FileNotFoundError):
-        distributed.log(f"Warning: no digests for checkpoint step {step} ({error}); it will be checked by reading it")
 
 
 class _NotFromOrbax(logging_lib.Filter):
@@ -194,19 +136,19 @@ class Saver:
       return
     if not self._checked:  # the latest save has ended: it worked if its step folder is there
       self._checked = True
-      if not os.path.isdir(_step_dir(self.checkpoints, self._step)):
+      if not os.path.isdir(stored_lib.step_dir(self.checkpoints, self._step)):
         self.finish()  # raises the failure
     writing = self._digests is not None and self._digests.is_alive()
     if self._digests_due and not writing:
       self._digests_due = False
-      self._digests = threading.Thread(target=write_digests, args=(self.checkpoints,), name="digests", daemon=True)
+      self._digests = threading.Thread(target=stored_lib.write_digests, args=(self.checkpoints,), name="digests", daemon=True)
       self._digests.start()
 
   def finish(self) -> None:
     """Waits for the saves and the digests, and writes those still due."""
     with self._reporting_failures():
       self._wait()
-    write_digests(self.checkpoints)
+    stored_lib.write_digests(self.checkpoints)
 
   def _wait(self) -> None:
     self.checkpoints.wait_until_finished()
@@ -222,7 +164,7 @@ class Saver:
       raise self._failed(error) from None
 
   def _failed(self, error: Exception) -> UserError:
-    on_disk = [step for step in self.checkpoints.all_steps() if os.path.isdir(_step_dir(self.checkpoints, step))]
+    on_disk = [step for step in self.checkpoints.all_steps() if os.path.isdir(stored_lib.step_dir(self.checkpoints, step))]
     earlier = [step for step in on_disk if self._step is None or step < self._step]
     kept = f"the checkpoint of step {max(earlier)} is intact" if earlier else "no earlier checkpoint was kept"
     message = " ".join(str(error).split())
@@ -234,29 +176,10 @@ class Saver:
     )
 
 
-def damage(checkpoints: ocp.CheckpointManager, step: int) -> str | None:
-  """What is wrong with a step's files compared with its digests; None when they match (or it has none)."""
-  step_dir = _step_dir(checkpoints, step)
-  try:
-    with open(os.path.join(step_dir, DIGESTS_FILE)) as f:
-      expected = json.load(f)
-  except FileNotFoundError:
-    return None
-  except (OSError, ValueError):
-    return f"its {DIGESTS_FILE} is unreadable"
-  found = _file_digests(step_dir)
-  for name, digest in sorted(expected.items()):
-    if name not in found:
-      return f"{name} is missing"
-    if found[name] != digest:
-      return f"{name} has changed since it was saved"
-  return None
-
-
 def _set_aside(checkpoints: ocp.CheckpointManager, step: int) -> str:
   """Renames a damaged step's folder out of Orbax's sight (kept for inspection); returns the new path."""
   damaged = os.path.join(str(checkpoints.directory), f"{DAMAGED_PREFIX}{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-  os.rename(_step_dir(checkpoints, step), damaged)
+  os.rename(stored_lib.step_dir(checkpoints, step), damaged)
   return damaged
 
 
@@ -267,7 +190,7 @@ def _damaged_folders(checkpoints: ocp.CheckpointManager) -> list[str]:
 def _newest_intact_step(checkpoints: ocp.CheckpointManager) -> int | None:
   """Process 0: the newest step whose files match their digests; damaged ones are set aside, with a warning."""
   for step in sorted(checkpoints.all_steps(), reverse=True):
-    problem = damage(checkpoints, step)
+    problem = stored_lib.damage(checkpoints, step)
     if problem is None:
       return step
     moved = _set_aside(checkpoints, step)
@@ -313,16 +236,16 @@ def restore_latest(checkpoints: ocp.CheckpointManager, abstract_state: TrainStat
     raise
   except Exception as error:  # Orbax and TensorStore raise many types, for files cut short and for full memory alike
     earlier = [other for other in checkpoints.all_steps() if other < step]
-    move = f"move {_step_dir(checkpoints, step)} away to resume from step {max(earlier)}" if earlier else "start anew"
+    move = f"move {stored_lib.step_dir(checkpoints, step)} away to resume from step {max(earlier)}" if earlier else "start anew"
     raise UserError(
-        f"checkpoint step {step} in {checkpoints.directory} cannot be read ({_one_line(error)}). "
+        f"checkpoint step {step} in {checkpoints.directory} cannot be read ({stored_lib.one_line(error)}). "
         f"If the cause is not this machine (memory, permissions, storage), the step is damaged: {move}"
     ) from None
 
 
 def _restore(checkpoints: ocp.CheckpointManager, step: int, abstract_state: TrainState) -> Restored:
   """Step `step`, after checking that it holds this model."""
-  mismatch = _first_mismatch(checkpoints, step, {"params": abstract_state.params})
+  mismatch = stored_lib.first_mismatch(checkpoints, step, {"params": abstract_state.params})
   if mismatch:
     raise UserError(
         f"{checkpoints.directory} holds a checkpoint of another model: {mismatch}. Resume with the run's own "
@@ -347,86 +270,27 @@ def _restore(checkpoints: ocp.CheckpointManager, step: int, abstract_state: Trai
   return Restored(step, restored["state"], restored["data"], restored["metadata"])
 
 
-def check_intact(checkpoints: ocp.CheckpointManager, step: int) -> None:
-  """A UserError naming step `step` and the steps kept, if its files do not match their digests."""
-  problem = damage(checkpoints, step)
-  if problem:
-    others = [other for other in checkpoints.all_steps() if other != step]
-    raise UserError(f"checkpoint step {step} in {checkpoints.directory} is damaged ({problem}); kept steps: {others}")
-
-
-def read_only_manager(path: str) -> ocp.CheckpointManager:
-  """A manager for reading the checkpoints of a run's workdir (or of its checkpoints directory)."""
-  path = absolute_path(path)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    path = os.path.join(path, "checkpoints")
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"no checkpoints at {path}")
-  verbosity = logging.get_verbosity()
-  logging.set_verbosity(logging.ERROR)  # Orbax warns that the directory is read only, which is what is asked
-  try:
-    return ocp.CheckpointManager(
-        path,
-        options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False),
-        item_handlers={"state": ocp.PyTreeCheckpointHandler(), **_json_handlers()},  # the state handler reads subtrees
-    )
-  finally:
-    logging.set_verbosity(verbosity)
-
-
-def _first_mismatch(checkpoints: ocp.CheckpointManager, step: int, target: dict[str, Any]) -> str | None:
-  """What in `target` (a subtree of the TrainState) the stored state of `step` lacks or holds in another shape."""
-  stored = jax.tree_util.tree_flatten_with_path(checkpoints.item_metadata(step)["state"].tree)[0]
-  stored_shapes = {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape) for path, leaf in stored}
-  for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
-    name = jax.tree_util.keystr(leaf_path, simple=True, separator="/")
-    if name not in stored_shapes:
-      return f"{name} is not in {checkpoints.directory} (step {step})"
-    if stored_shapes[name] != tuple(leaf.shape):
-      return f"{name} has shape {stored_shapes[name]} in {checkpoints.directory} but {tuple(leaf.shape)} in this model"
-  return None
-
-
-def restore_parts(checkpoints: ocp.CheckpointManager, step: int | None, target: dict[str, Any], field: str) -> dict[str, Any]:
-  """Parts of a saved TrainState (e.g. {"params": abstract params}), read into the target's shardings.
-
-  `step` None means the latest. A part missing from the checkpoint, or of another shape, is a
-  ConfigError that names the parameter (and the config `field` that led here).
-  """
-  step = checkpoints.latest_step() if step is None else step
-  if step is None or step not in checkpoints.all_steps():
-    raise FileNotFoundError(f"{field}: no checkpoint {'' if step is None else step} in {checkpoints.directory}")
-  check_intact(checkpoints, step)
-  try:
-    mismatch = _first_mismatch(checkpoints, step, target)
-    if not mismatch:
-      restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-      state_args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
-      return checkpoints.restore(step, args=ocp.args.Composite(state=state_args))["state"]
-  except Exception as error:  # Orbax and TensorStore raise many types for files cut short or gone
-    raise UserError(f"checkpoint step {step} in {checkpoints.directory} cannot be read ({_one_line(error)})") from None
-  raise ConfigError(f"{field}: {mismatch}")
-
-
-def restore_config(checkpoints: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
-  """The config a checkpoint was saved with."""
-  try:
-    config = checkpoints.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-  except (OSError, ValueError) as error:  # a config file cut short or gone
-    raise UserError(f"checkpoint step {step} in {checkpoints.directory}: its config cannot be read ({error})") from None
-  return ml_collections.ConfigDict(config)
-
-
-def init_from(checkpoint: ml_collections.ConfigDict, state: TrainState, abstract_state: TrainState) -> TrainState:
+def init_from(
+    checkpoint: ml_collections.ConfigDict, state: TrainState, abstract_state: TrainState, new_heads: tuple[str, ...] = ()
+) -> TrainState:
   """`state` with the params (and, if checkpoint.init_opt_state, the optimizer state) of another run's latest checkpoint.
 
-  checkpoint.init_from names that run's workdir or its checkpoints directory.
+  checkpoint.init_from names that run's workdir or its checkpoints directory. Parameters under the
+  names `new_heads` (a classifier, say) that the other run lacks keep their fresh initialization.
   """
-  other = read_only_manager(checkpoint.init_from)
+  other = stored_lib.read_only_manager(checkpoint.init_from)
+  step = other.latest_step()
+  stored_names = {path[0] for path in stored_lib.stored_param_paths(other, step)} if step is not None else set()
+  fresh = [name for name in new_heads if name in abstract_state.params and name not in stored_names]
+  if fresh and checkpoint.init_opt_state:
+    raise ConfigError(f"checkpoint.init_opt_state: {checkpoint.init_from} has no optimizer state for {', '.join(fresh)}; set it False")
   parts = ("params", "opt_state") if checkpoint.init_opt_state else ("params",)
   target = {part: getattr(abstract_state, part) for part in parts}
-  restored = restore_parts(other, None, target, "checkpoint.init_from")
-  distributed.log(f"Initialized {' and '.join(parts)} from {other.directory} (step {other.latest_step()})")
+  target["params"] = {name: value for name, value in target["params"].items() if name not in fresh}
+  restored = stored_lib.restore_parts(other, None, target, "checkpoint.init_from")
+  restored["params"] = {**state.params, **restored["params"]}
+  kept_fresh = f"; {', '.join(fresh)} newly initialized" if fresh else ""
+  distributed.log(f"Initialized {' and '.join(parts)} from {other.directory} (step {step}){kept_fresh}")
   return state.replace(**restored)
 
 

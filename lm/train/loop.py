@@ -2,10 +2,8 @@
 
 import contextlib
 import dataclasses
-import filecmp
 import functools
 import os
-import shutil
 import time
 from typing import Sequence
 
@@ -14,10 +12,12 @@ import jax
 import ml_collections
 import numpy as np
 import optax
+import tensorflow_datasets as tfds
 from jax.sharding import Mesh
 
 from lm import config as config_lib
-from lm import distributed, sharding
+from lm import checkpoints as checkpoints_lib
+from lm import distributed, objectives, sharding
 from lm import workdir as workdir_lib
 from lm import evaluate as evaluate_lib
 from lm import metrics as metrics_lib
@@ -39,7 +39,8 @@ class TrainSetup:
   train_step: sharding.MeshJit  # (state, batch, rng) -> (state, metrics)
   eval_step: sharding.MeshJit  # (params, batch, byte_lengths_V) -> sums
   tokenizer: tokenizer_lib.Tokenizer | None  # None for synthetic data
-  dataset: tfds_builder.TokenizedText | None
+  dataset: tfds.core.DatasetBuilder | None  # TokenizedText, or TokenizedExamples for an objective that reads them
+  objective: objectives.Objective
 
   def init_state(self) -> state_lib.TrainState:
     """A freshly initialized state, sharded over the mesh."""
@@ -55,11 +56,11 @@ class TrainSetup:
     return self.tokenizer.byte_lengths(self.config.model.vocab_size)
 
   def evaluate(self, params) -> dict[str, float]:
-    """eval_loss, eval_perplexity, eval_bits_per_byte over eval.steps batches of the validation split."""
+    """The objective's metrics over eval.steps batches of the validation split, as eval_<metric>."""
     config = self.config
     batches = pipeline.eval_batches(config, self.mesh, self.axis_rules, self.dataset, self.tokenizer.eos_id, config.eval.steps)
-    result = evaluate_lib.evaluate(self.eval_step, params, batches, self._byte_lengths)
-    return {f"eval_{name}": value for name, value in result.items() if name != "tokens"}
+    result = evaluate_lib.evaluate(self.eval_step, params, batches, self._byte_lengths, self.objective)
+    return {f"eval_{name}": value for name, value in result.items() if name not in ("tokens", "examples")}
 
 
 def setup(
@@ -73,16 +74,21 @@ def setup(
   """
   devices = list(jax.devices() if devices is None else devices)
   config_lib.resolve_paths(config)
+  if config.checkpoint.init_from and config.checkpoint.get("init_model"):
+    _model_of_init_run(config)
   config_lib.validate(config, len(devices))
+  objective = objectives.get(config)
   tokenizer, dataset = None, None
   if prepare_data and config.data.source != "synthetic":
-    tokenizer, dataset = tfds_builder.prepare(config.data)
+    tokenizer, dataset = tfds_builder.prepare(config.data, objective)
     if config.model.vocab_size and config.model.vocab_size < tokenizer.vocab_size:
       raise config_lib.ConfigError(
           f"model.vocab_size: {config.model.vocab_size} rows cannot embed the tokenizer's {tokenizer.vocab_size} pieces; "
           "raise it, or set 0 to size it from the tokenizer"
       )
-    if config.eval.every and pipeline.num_windows(dataset, "validation", config.data.seq_len) < config.data.batch_size:
+    if objective.reads_examples:
+      _require_examples(config, dataset)
+    elif config.eval.every and pipeline.num_windows(dataset, "validation", config.data.seq_len) < config.data.batch_size:
       raise config_lib.ConfigError(
           f"data.validation_fraction: the validation split ({dataset.info.metadata['validation_tokens']:,} tokens) "
           f"holds less than one batch of data.batch_size x data.seq_len; raise it, or set eval.every=0"
@@ -92,13 +98,52 @@ def setup(
     config.model.vocab_size = tokenizer_lib.padded_vocab_size(pieces, config.model.vocab_multiple)
   mesh = sharding.make_mesh(config.mesh, devices)
   axis_rules = sharding.rules(config.mesh)
-  model = Transformer(ml_collections.FrozenConfigDict(config.model))
+  model = Transformer(ml_collections.FrozenConfigDict(config.model), num_classes=objective.num_classes)
   tx, schedule = optimizer.make(config.optimizer, config.train.steps)
   abstract = state_lib.abstract_state(model, tx, mesh, axis_rules)
-  shardings = state_lib.shardings_of(abstract)
-  train_step = step_lib.make_train_step(model, tx, schedule, config.train, mesh, axis_rules, shardings)
-  eval_step = step_lib.make_eval_step(model, mesh, axis_rules, shardings.params)
-  return TrainSetup(config, mesh, axis_rules, model, tx, abstract, train_step, eval_step, tokenizer, dataset)
+  shardings = sharding.shardings_of(abstract)
+  train_step = step_lib.make_train_step(model, objective, tx, schedule, config.train, mesh, axis_rules, shardings)
+  eval_step = evaluate_lib.make_eval_step(model, objective, mesh, axis_rules, shardings.params)
+  return TrainSetup(config, mesh, axis_rules, model, tx, abstract, train_step, eval_step, tokenizer, dataset, objective)
+
+
+# What a run may choose for itself when it takes its model from checkpoint.init_from: how it computes, not
+# what it computes (the parameters' shapes and meaning).
+_EXECUTION_FIELDS = (
+    "dtype", "param_dtype", "fp8_matmuls", "attention", "cudnn_max_documents", "loss_chunk_len", "scan_unroll",
+    "remat_policy", "dropout_rate",
+)  # fmt: skip
+
+
+def _model_of_init_run(config: ml_collections.ConfigDict) -> None:
+  """checkpoint.init_model: model.* from checkpoint.init_from's run (but _EXECUTION_FIELDS), and its tokenizer
+  unless data.tokenizer names one."""
+  other = checkpoints_lib.read_only_manager(config.checkpoint.init_from)
+  if other.latest_step() is None:
+    raise config_lib.ConfigError(f"checkpoint.init_from: no checkpoint in {other.directory}")
+  model = checkpoints_lib.restore_config(other, other.latest_step()).model
+  for field in _EXECUTION_FIELDS:
+    if field in config.model:
+      model[field] = config.model[field]
+  config.model = model
+  run_dir = os.path.dirname(str(other.directory))
+  if not config.data.tokenizer and config.data.source != "synthetic":
+    tokenizer_path = workdir_lib.tokenizer_path(run_dir)
+    if not tokenizer_path:
+      raise config_lib.ConfigError(f"checkpoint.init_from: {run_dir} keeps no tokenizer; name one with data.tokenizer")
+    config.data.tokenizer = tokenizer_path
+
+
+def _require_examples(config: ml_collections.ConfigDict, dataset) -> None:
+  """A ConfigError unless the training split (and, when evaluating, the validation split) holds examples."""
+  meta = dataset.info.metadata
+  splits = ("train", "validation") if config.eval.every else ("train",)
+  for split in splits:
+    if not meta[f"{split}_examples"]:
+      from lm.data import examples
+
+      what = "data.validation_fraction" if split == "validation" else "data.source"
+      raise config_lib.ConfigError(f"{what}: the {split} split holds no examples ({examples.summary(dataset)})")
 
 
 class TrainingError(config_lib.UserError):
@@ -122,16 +167,16 @@ def _keep_tokenizer(tokenizer: tokenizer_lib.Tokenizer, workdir: str, resuming: 
 
   A resumed run must go on with the tokenizer its checkpoints were trained with.
   """
-  kept_path = os.path.join(workdir, workdir_lib.TOKENIZER_FILE)
-  if resuming and os.path.isfile(kept_path):
-    if not filecmp.cmp(kept_path, tokenizer.path, shallow=False):
+  kept_path = workdir_lib.tokenizer_path(workdir)
+  if resuming and kept_path:
+    if tokenizer_lib.load(kept_path).fingerprint != tokenizer.fingerprint:
       raise config_lib.ConfigError(
           f"data.tokenizer: the checkpoints in {workdir} were trained with another tokenizer than the data's; "
           f"continue them with --config.data.tokenizer={kept_path}"
       )
     return
   if jax.process_index() == 0 and os.path.abspath(tokenizer.path) != kept_path:
-    shutil.copyfile(tokenizer.path, kept_path)
+    tokenizer.copy_to(workdir)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -154,8 +199,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: TrainSetup, loc
   if run.tokenizer:
     _keep_tokenizer(run.tokenizer, workdir, resuming=restored is not None)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, workdir_lib.CONFIG_FILE), "w") as f:
+    with open(workdir_lib.path(workdir, workdir_lib.CONFIG_FILE), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
+    if run.dataset:
+      workdir_lib.record_dataset(workdir, run.dataset)
   evaluating = bool(config.eval.every) and run.dataset is not None
   if config.eval.every and not evaluating:
     distributed.log("Not evaluating: synthetic data has no validation split")
@@ -173,7 +220,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: TrainSetup, loc
   else:
     state, start_step, progress = run.init_state(), 0, {"tokens_seen": 0, "train_seconds": 0.0}
     if config.checkpoint.init_from:
-      state = checkpoint.init_from(config.checkpoint, state, run.abstract_state)
+      state = checkpoint.init_from(config.checkpoint, state, run.abstract_state, new_heads=("classifier",))
   if start_step >= config.train.steps:
     distributed.log(f"Nothing to do: the run is at step {start_step} of train.steps={config.train.steps}")
     return
@@ -187,9 +234,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: TrainSetup, loc
       metrics_lib.peak_flops(jax.devices()[0]),
       jax.device_count(),
   )
+  if not restored and config.checkpoint.init_from and evaluating:  # where fine-tuning starts, to compare with
+    writer.write(0, run.evaluate(state.params))
   throughput.reset(start_step)
   # Steps are numbered from 0 here; the first one compiles, so the trace starts at the next.
-  profiler = metrics_lib.StepProfiler(os.path.join(workdir, "tensorboard"), start_step + 1, config.train.profile_steps)
+  profiler = metrics_lib.StepProfiler(workdir_lib.path(workdir, workdir_lib.TENSORBOARD_DIR), start_step + 1, config.train.profile_steps)
   started = time.perf_counter()
 
   def save(step: int) -> None:

@@ -21,49 +21,20 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: Any
 
 
-def _init_params_boxed(model: nn.Module, rng: jax.Array):
-  """Initial parameters, still wrapped in their logical-axis metadata."""
-  tokens_BT = jnp.zeros((1, 1), jnp.int32)
-  return model.init(rng, tokens_BT, tokens_BT, tokens_BT)["params"]
-
-
 def _init_boxed(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
   """The initial state with parameters still wrapped in their logical-axis metadata."""
-  params = _init_params_boxed(model, rng)
+  params = sharding.init_params_boxed(model, rng)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(optimizer.to_float32(params)))
-
-
-def _abstract(init_boxed, mesh: Mesh, axis_rules: sharding.Rules):
-  """Shapes and dtypes of init_boxed(rng)'s result, each leaf carrying the NamedSharding of its logical axes."""
-  boxed = jax.eval_shape(init_boxed, jax.random.key(0))
-  logical_specs = nn.get_partition_spec(boxed)
-  jax.tree_util.tree_map_with_path(
-      lambda path, leaf, spec: sharding.check_divisible(jax.tree_util.keystr(path, simple=True, separator="/"), leaf.shape, spec, mesh, axis_rules),
-      nn.unbox(boxed),
-      logical_specs,
-  )
-  shardings = nn.logical_to_mesh_sharding(logical_specs, mesh, axis_rules)
-  return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), nn.unbox(boxed), shardings)
 
 
 def abstract_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, axis_rules: sharding.Rules) -> TrainState:
   """The TrainState's shapes, dtypes and shardings, without computing anything."""
-  return _abstract(lambda rng: _init_boxed(model, tx, rng), mesh, axis_rules)
-
-
-def abstract_params(model: nn.Module, mesh: Mesh, axis_rules: sharding.Rules):
-  """The parameters' shapes, dtypes and shardings, without computing anything."""
-  return _abstract(lambda rng: _init_params_boxed(model, rng), mesh, axis_rules)
-
-
-def shardings_of(abstract: TrainState) -> TrainState:
-  """The NamedSharding of every leaf of an abstract state."""
-  return jax.tree.map(lambda leaf: leaf.sharding, abstract)
+  return sharding.abstract_tree(lambda rng: _init_boxed(model, tx, rng), mesh, axis_rules)
 
 
 def init(model: nn.Module, tx: optax.GradientTransformation, abstract: TrainState, seed: int) -> TrainState:
   """A fresh state; the init runs under jit with out_shardings, so each device makes only its shard."""
-  make = jax.jit(lambda rng: nn.unbox(_init_boxed(model, tx, rng)), out_shardings=shardings_of(abstract))
+  make = jax.jit(lambda rng: nn.unbox(_init_boxed(model, tx, rng)), out_shardings=sharding.shardings_of(abstract))
   return make(jax.random.key(seed))
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from lm import sharding
+from lm.data import batch as batch_lib
 from lm.data import pipeline, sources, tfds_builder
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -19,7 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def test_packed_rows_restart_segments_and_positions_at_every_eos():
   eos = 2
   tokens = np.array([[5, 6, 2, 7, 8, 9, 2, 2, 4]])
-  rows = pipeline.packed_rows(tokens, eos)
+  rows = batch_lib.from_stream(tokens, eos)
   np.testing.assert_array_equal(rows["inputs"], [[5, 6, 2, 7, 8, 9, 2, 2]])
   np.testing.assert_array_equal(rows["targets"], [[6, 2, 7, 8, 9, 2, 2, 4]])
   np.testing.assert_array_equal(rows["segment_ids"], [[1, 1, 2, 2, 2, 2, 3, 4]])

@@ -232,8 +232,9 @@ def test_a_glob_with_double_star_matches_as_glob_does_and_stops_at_a_link_loop(t
   assert found("a/b/**/*.txt") == ["a/b/train/x.txt"]
 
 
-def test_a_given_tokenizer_that_is_not_sentencepiece_is_a_config_error(tmp_path, tiny_config, corpus_dir):
-  (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')
-  config = tiny_config("llama", {"data.source": f"text:{corpus_dir}", "data.tokenizer": str(tmp_path / "tokenizer.json")})
-  with pytest.raises(ConfigError, match=r"^data.tokenizer: .*tokenizer.json is not a sentencepiece model$"):
+@pytest.mark.parametrize("name, kind", [("tokenizer.json", "a Hugging Face tokenizer.json"), ("tokenizer.model", "a sentencepiece model")])
+def test_a_given_tokenizer_that_cannot_be_read_is_a_config_error(tmp_path, tiny_config, corpus_dir, name, kind):
+  (tmp_path / name).write_text('{"model": {"type": "BPE"}}')
+  config = tiny_config("llama", {"data.source": f"text:{corpus_dir}", "data.tokenizer": str(tmp_path / name)})
+  with pytest.raises(ConfigError, match=rf"^data.tokenizer: .*{name} is not {kind}$"):
     tfds_builder.prepare(config.data)

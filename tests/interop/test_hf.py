@@ -45,17 +45,17 @@ def _hf_model(name: str):
   return model
 
 
-def _hf_logits(model) -> np.ndarray:
+def _hf_logits(model, tokens: np.ndarray = TOKENS) -> np.ndarray:
   with torch.no_grad():
-    return model(torch.tensor(TOKENS)).logits.numpy()
+    return model(torch.tensor(tokens)).logits.numpy()
 
 
-def _lm_logits(model_config, params) -> np.ndarray:
+def _lm_logits(model_config, params, tokens: np.ndarray = TOKENS) -> np.ndarray:
   model_config = ml_collections.ConfigDict(model_config)
   model_config.dtype = "float32"
   model = Transformer(ml_collections.FrozenConfigDict(model_config))
-  positions = np.broadcast_to(np.arange(TOKENS.shape[1]), TOKENS.shape)
-  return np.asarray(jax.jit(model.apply)({"params": params}, TOKENS, np.ones_like(TOKENS), positions))
+  positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
+  return np.asarray(jax.jit(model.apply)({"params": params}, tokens, np.ones_like(tokens), positions))
 
 
 @pytest.mark.parametrize("name", sorted(HF_MODELS))
@@ -123,8 +123,10 @@ def test_scanned_and_unscanned_params_export_alike(tmp_path):
 @pytest.mark.parametrize(
     "change, named",
     [
-        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope scaling"),
-        ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "rope scaling"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling type 'yarn'"),
+        ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "rope_scaling type 'dynamic'"),
+        ({"rope_scaling": {"type": "longrope", "factor": 2.0}}, "rope_scaling type 'longrope'"),  # transformers < 4.45
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling llama3 lacks low_freq_factor"),
         ({"attention_bias": True}, "attention_bias"),
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"model_type": "mistral"}, "model_type 'mistral'"),
@@ -137,6 +139,121 @@ def test_unsupported_options_are_named(change, named, tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(config))
   with pytest.raises(ConfigError, match=named):
     hf.load(str(tmp_path))
+
+
+# Llama 3.1's rope scaling, and linear, on a context 2x what the model was "pretrained" on.
+ROPE_SCALINGS = {
+    "llama3": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32},
+    "linear": {"rope_type": "linear", "factor": 4.0},
+}  # fmt: skip
+LONG_TOKENS = np.random.default_rng(1).integers(0, 96, (2, 64))
+
+
+def _rope_scaled_llama(rope_type: str, vocab_size: int = 96):
+  """A Llama with grouped-query attention, an untied head and rope scaling, its weights large enough that attention
+  is far from uniform (with transformers' 0.02 every position would look alike and no rotation would matter)."""
+  torch.manual_seed(0)
+  config = transformers.LlamaConfig(
+      vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, max_position_embeddings=64, rope_theta=500.0, rope_scaling=ROPE_SCALINGS[rope_type],
+      rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.2,
+  )  # fmt: skip
+  model = transformers.LlamaForCausalLM(config).eval()
+  with torch.no_grad():
+    for name, parameter in model.named_parameters():
+      if "norm" in name:
+        parameter.add_(torch.randn_like(parameter) * 0.1)
+  return model
+
+
+@pytest.mark.parametrize("rope_type", sorted(ROPE_SCALINGS))
+def test_rope_scaled_llama_gives_its_logits_beyond_the_original_context_both_ways(rope_type, tmp_path):
+  model = _rope_scaled_llama(rope_type)
+  model.save_pretrained(tmp_path / "original")
+  model_config, params = hf.load(str(tmp_path / "original"))
+  assert (model_config.rope_scaling, model_config.rope_scaling_factor) == (rope_type, 4.0)
+  expected = _hf_logits(model, LONG_TOKENS)
+  np.testing.assert_allclose(_lm_logits(model_config, params, LONG_TOKENS), expected, atol=1e-4)
+  unscaled = ml_collections.ConfigDict(model_config)
+  unscaled.rope_scaling = "none"
+  assert np.abs(_lm_logits(unscaled, params, LONG_TOKENS) - expected).max() > 1e-2  # so the check above can fail
+
+  hf.save(model_config, params, str(tmp_path / "exported"))
+  exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "exported")).eval()
+  assert exported.config.rope_parameters == {**ROPE_SCALINGS[rope_type], "rope_theta": 500.0}
+  np.testing.assert_allclose(_hf_logits(exported, LONG_TOKENS), expected, atol=1e-4)
+
+
+def test_a_llama3_checkpoint_with_a_tokenizer_json_imports_trains_and_exports(corpus_dir, tmp_path):
+  """Llama 3's shape (rope scaling, grouped-query attention, untied head, a byte-level BPE tokenizer.json with a
+  tokenizer_config.json): import, the same logits, a few training steps on text, export, transformers reads it."""
+  from conftest import train_byte_level_bpe
+  from lm import workdir as workdir_lib
+  from lm.config import load_config_file
+  from lm.data import examples, tokenizer as tokenizer_lib
+  from lm.objectives import sft
+  from lm.train import loop
+
+  interop = _import_export()
+  hf_dir, workdir, out = tmp_path / "llama3", tmp_path / "run", tmp_path / "exported"
+  hf_dir.mkdir()
+  documents = [path.read_text() for path in sorted(corpus_dir.rglob("doc*"))]
+  tokenizer = tokenizer_lib.load(train_byte_level_bpe(hf_dir, documents, vocab_size=320))
+  original = _rope_scaled_llama("llama3", vocab_size=tokenizer.vocab_size)
+  original.save_pretrained(hf_dir)
+  tokens = np.asarray([[tokenizer.bos_id] + tokenizer.encode(document)[:63] for document in documents[:2]])
+
+  interop.import_checkpoint(str(hf_dir), str(workdir), None)
+  assert {"tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(workdir))
+  assert not (workdir / "tokenizer.model").exists()
+  imported = lm.load(str(workdir))
+  assert type(imported.tokenizer) is tokenizer_lib.HfTokenizer
+  assert imported.tokenizer.fingerprint == tokenizer.fingerprint
+  imported_logits = _lm_logits(imported.config.model, imported.params, tokens)
+  np.testing.assert_allclose(imported_logits, _hf_logits(original, tokens), atol=1e-4)
+
+  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))  # as configs/from_run.py does
+  config.update_from_flattened_dict({
+      "data.source": f"text:{corpus_dir}", "data.data_dir": str(tmp_path / "data"), "data.seq_len": 64,
+      "data.batch_size": 8, "train.steps": 2, "train.log_every": 1, "optimizer.warmup_steps": 1,
+      "optimizer.learning_rate": 1e-2, "eval.every": 0, "model.dtype": "float32", "model.loss_chunk_len": 0,
+  })  # fmt: skip
+  loop.train(config, str(workdir))  # tokenizes the text with the kept tokenizer.json, resumes from step 0
+  assert [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")] == [1, 2]
+  assert lm.load(str(workdir)).config.model.rope_scaling == "llama3"
+
+  # Fine-tuned as configs/sft.py does: chats in Llama 3's template, the model and tokenizer from the run.
+  chats, tuned_dir = tmp_path / "chats", tmp_path / "sft"
+  chats.mkdir()
+  with open(chats / "chats.jsonl", "w") as f:
+    for index in range(40):
+      turns = [("user", documents[index % 20][:60]), ("assistant", documents[(index + 7) % 20][:60])]
+      f.write(json.dumps({"messages": [{"role": role, "content": content} for role, content in turns]}) + "\n")
+  sft_config = load_config_file(os.path.join(REPO, "configs", "sft.py"))
+  sft_config.update_from_flattened_dict({
+      "data.source": f"text:{chats}", "data.data_dir": str(tmp_path / "data"), "data.seq_len": 64, "data.batch_size": 8,
+      "train.steps": 2, "optimizer.warmup_steps": 1, "eval.every": 0, "checkpoint.init_from": str(workdir), "model.dtype": "float32",
+      "model.loss_chunk_len": 0,
+  })  # fmt: skip
+  loop.train(sft_config, str(tuned_dir))
+  trained = lm.load(str(tuned_dir))
+  assert trained.step == 2 and trained.config.model.rope_scaling == "llama3" and trained.objective.name == "sft"
+  assert sft.template_name("auto", trained.tokenizer) == "llama3"
+  (row,) = examples.PackedRows(workdir_lib.recorded_dataset(str(tuned_dir)), "train", 64, seed=None).row(0)[:1]
+  assert row.inputs[0] == tokenizer.token_id("<|begin_of_text|>") and row.inputs[1] == tokenizer.token_id("<|start_header_id|>")
+
+  interop.export(str(tuned_dir), None, str(out))
+  exported = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+  assert exported.config.rope_parameters["rope_type"] == "llama3"
+  ours = _lm_logits(trained.config.model, trained.params, tokens)
+  assert np.abs(ours - imported_logits).max() > 1e-3  # it did train
+  np.testing.assert_allclose(_hf_logits(exported, tokens), ours, atol=1e-4)
+  hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
+  assert (hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id) == (tokenizer.bos_id, tokenizer.eos_id)
+  for text in [documents[2], "  code:\n\tx = ñ 😀 ", "the model = 7"]:
+    assert hf_tokenizer(text)["input_ids"] == [tokenizer.bos_id] + tokenizer.encode(text)  # Llama 3's post-processor
+    assert hf_tokenizer.decode(tokenizer.encode(text)) == text
 
 
 def test_gpt2_export_refuses_grouped_query_attention(tiny_config, tmp_path):

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lm import checkpoints as checkpoints_lib
 from lm.train import checkpoint, loop, state as state_lib
 
 
@@ -104,9 +105,9 @@ def _damaged_run(tiny_config, tmp_path, harm, with_digests: bool):
   config = tiny_config("llama", {"mesh.data": 8, "train.steps": 4, "checkpoint.every": 2, "eval.every": 0})
   loop.train(config, str(tmp_path))
   step_dir = tmp_path / "checkpoints" / "4"
-  assert (step_dir / checkpoint.DIGESTS_FILE).exists()
+  assert (step_dir / checkpoints_lib.DIGESTS_FILE).exists()
   if not with_digests:  # as a run killed right after its save, or saved by an older lm, leaves it
-    os.remove(step_dir / checkpoint.DIGESTS_FILE)
+    os.remove(step_dir / checkpoints_lib.DIGESTS_FILE)
   for path in _data_files(step_dir):
     harm(path)
   return config
@@ -175,19 +176,19 @@ def test_digests_that_cannot_be_written_leave_the_step_unverified_not_damaged(ti
   real_dump = json.dump
 
   def disk_full(obj, f, *args, **kwargs):
-    if f.name.endswith(f".partial-{os.getpid()}") and checkpoint.DIGESTS_FILE in f.name:
+    if f.name.endswith(f".partial-{os.getpid()}") and checkpoints_lib.DIGESTS_FILE in f.name:
       raise OSError(errno.ENOSPC, "No space left on device")
     return real_dump(obj, f, *args, **kwargs)
 
   monkeypatch.setattr(checkpoint.json, "dump", disk_full)
   loop.train(config, str(tmp_path))
   assert "Warning: no digests for checkpoint step 2 ([Errno 28] No space left on device)" in capsys.readouterr().out
-  assert os.listdir(tmp_path / "checkpoints" / "2").count(checkpoint.DIGESTS_FILE) == 0
+  assert os.listdir(tmp_path / "checkpoints" / "2").count(checkpoints_lib.DIGESTS_FILE) == 0
   assert not [name for name in os.listdir(tmp_path / "checkpoints" / "2") if ".partial" in name]
   monkeypatch.undo()
   checkpoints = checkpoint.manager(str(tmp_path), config.checkpoint)
-  checkpoint.write_digests(checkpoints)  # space again: written now, of the checkpoint's own files only
-  assert checkpoint.damage(checkpoints, 2) is None and (tmp_path / "checkpoints" / "2" / checkpoint.DIGESTS_FILE).exists()
+  checkpoints_lib.write_digests(checkpoints)  # space again: written now, of the checkpoint's own files only
+  assert checkpoints_lib.damage(checkpoints, 2) is None and (tmp_path / "checkpoints" / "2" / checkpoints_lib.DIGESTS_FILE).exists()
 
 
 def test_loading_a_damaged_checkpoint_names_it(trained_run, tmp_path):

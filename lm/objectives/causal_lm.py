@@ -1,0 +1,88 @@
+"""Causal language modelling: predict every next token of plain text.
+
+The text is one token stream (documents joined with EOS) cut into windows, so this objective reads
+no .jsonl examples. Its loss is the cross-entropy of each target token where `weights` is 1.
+
+Shape letters: B batch, T length, D embed dim, V vocab, C chunk length, N chunks.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm.models import transformer
+from lm.objectives import base
+
+
+def _chunk_length(length: int, chunk_len: int) -> int:
+  """The largest divisor of `length` that is at most `chunk_len` (0: the whole length)."""
+  if chunk_len <= 0 or chunk_len >= length:
+    return length
+  return max(size for size in range(1, chunk_len + 1) if length % size == 0)
+
+
+def token_losses(params, model_config, hidden_BTD: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-token cross-entropy of the output layer and its log partition function log(Z), both [B, T] float32.
+
+  The logits are computed model.loss_chunk_len positions at a time and recomputed in the backward
+  pass, so the [B, T, V] float32 logits never exist whole: memory holds one [B, C, V] chunk. With one
+  chunk (loss_chunk_len 0, or at least T), they are computed whole and kept.
+  Chunk c takes positions c, c + n, c + 2n, ... (n chunks), so a device that holds a block of the
+  sequence holds a share of every chunk.
+  """
+  batch, length, embed_dim = hidden_BTD.shape
+  chunk = _chunk_length(length, model_config.loss_chunk_len)
+  num_chunks = length // chunk
+
+  def chunk_losses(carry, chunk_inputs):
+    hidden_BCD, targets_BC = chunk_inputs
+    logits_BCV = transformer.output_logits(params, model_config, hidden_BCD)
+    log_z_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
+    target_logit_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
+    return carry, (log_z_BC - target_logit_BC, log_z_BC)
+
+  if num_chunks == 1:  # all positions at once: the logits are kept for the backward pass
+    _, (cross_entropy_BT, log_z_BT) = chunk_losses(None, (hidden_BTD, targets_BT))
+    return cross_entropy_BT, log_z_BT
+  hidden_NBCD = hidden_BTD.reshape(batch, chunk, num_chunks, embed_dim).transpose(2, 0, 1, 3)
+  targets_NBC = targets_BT.reshape(batch, chunk, num_chunks).transpose(2, 0, 1)
+  _, (cross_entropy_NBC, log_z_NBC) = jax.lax.scan(jax.checkpoint(chunk_losses), None, (hidden_NBCD, targets_NBC))
+  cross_entropy_BT = cross_entropy_NBC.transpose(1, 2, 0).reshape(batch, length)
+  log_z_BT = log_z_NBC.transpose(1, 2, 0).reshape(batch, length)
+  return cross_entropy_BT, log_z_BT
+
+
+class CausalLM(base.Objective):
+  """Next-token prediction; evaluation reports loss, perplexity and bits per byte of the scored tokens."""
+
+  name = "causal_lm"
+  reads_examples = False
+
+  def loss_sums(self, params, model, batch, rng, z_loss_weight):
+    hidden_BTD = base.hidden_states(params, model, batch, rng)
+    cross_entropy_BT, log_z_BT = token_losses(params, model.cfg, hidden_BTD, batch["targets"])
+    weights_BT = batch["weights"]
+    loss = jnp.sum((cross_entropy_BT + z_loss_weight * log_z_BT**2) * weights_BT)
+    return loss, (jnp.sum(cross_entropy_BT * weights_BT), jnp.sum(weights_BT))
+
+  def eval_sums(self, params, model, batch, byte_lengths_V):
+    """Weighted cross-entropy (nats), tokens, and the UTF-8 bytes of text they stand for."""
+    hidden_BTD = base.hidden_states(params, model, batch, None)
+    cross_entropy_BT, _ = token_losses(params, model.cfg, hidden_BTD, batch["targets"])
+    weights_BT = batch["weights"]
+    return {
+        "loss_sum": jnp.sum(cross_entropy_BT * weights_BT),
+        "tokens": jnp.sum(weights_BT),
+        "bytes": jnp.sum(byte_lengths_V[batch["targets"]] * weights_BT),
+    }
+
+  def summarize(self, sums):
+    """Loss (nats per token), perplexity and bits per byte (comparable across tokenizers)."""
+    loss_sum, tokens = float(sums["loss_sum"]), float(sums["tokens"])
+    loss = loss_sum / tokens
+    return {
+        "loss": loss,
+        "perplexity": float(np.exp(loss)),
+        "bits_per_byte": loss_sum / (np.log(2) * float(sums["bytes"])),
+        "tokens": int(tokens),
+    }
