@@ -177,11 +177,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         "classification needs at least 2 classes (set objective.num_classes, or objective.class_names)",
     )
   if objective.name != "causal_lm":
+    builtin_ok = objective.name == "sft"  # the built-in records are prompt/response pairs
     _require(
-        data.source == "builtin" or data.source.startswith("text:"),
+        data.source.startswith("text:") or (builtin_ok and data.source == "builtin"),
         "data.source",
-        f"objective {objective.name} reads .jsonl records: give text:<dir or glob> (or builtin), not {data.source}",
+        f"objective {objective.name} reads .jsonl records: give text:<dir or glob>{' (or builtin)' if builtin_ok else ''}, "
+        f"not {data.source}",
     )
+  _require(
+      not config.checkpoint.get("init_model") or bool(config.checkpoint.init_from),
+      "checkpoint.init_model",
+      "takes the model from checkpoint.init_from's run: name that run (--config.checkpoint.init_from=WORKDIR)",
+  )
 
   _require(
       data.source in ("builtin", "synthetic") or data.source.startswith(("text:", "tfds:")),

@@ -49,7 +49,9 @@ def evaluate(eval_step, params, batches: Iterable[dict], byte_lengths_V: np.ndar
     sums = eval_step(params, batch, byte_lengths_V)
     totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
   if totals is None:
-    raise UserError("no evaluation batches: the split holds fewer tokens than one batch (data.batch_size x data.seq_len)")
+    raise UserError(
+        "no evaluation batches: the split holds no examples, or fewer tokens than one batch (data.batch_size x data.seq_len)"
+    )
   return objective.summarize(jax.device_get(totals))
 
 

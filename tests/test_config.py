@@ -60,6 +60,15 @@ BAD_CONFIGS = [
     ({"model.rope_scaling": "llama3", "model.rope_low_freq_factor": float("nan")}, "model.rope_low_freq_factor"),
     ({"model.rope_scaling": "llama3", "model.rope_high_freq_factor": 1.0}, "model.rope_high_freq_factor"),  # = low
     ({"model.rope_scaling": "llama3", "model.rope_original_max_seq_len": 0}, "model.rope_original_max_seq_len"),
+    ({"objective.name": "dpo"}, "objective.name"),
+    ({"objective.name": "sft", "objective.chat_template": "chatml"}, "objective.chat_template"),
+    ({"objective.name": "sft"}, "data.source"),  # synthetic tokens are no records
+    ({"objective.name": "sft", "data.source": "tfds:lm1b"}, "data.source"),
+    ({"objective.name": "classification", "objective.num_classes": 2, "data.source": "builtin"}, "data.source"),
+    ({"objective.name": "classification", "data.source": "text:x"}, "objective.num_classes"),  # no classes
+    ({"objective.name": "classification", "objective.num_classes": 3, "objective.class_names": "a,b",
+      "data.source": "text:x"}, "objective.num_classes"),  # fmt: skip
+    ({"checkpoint.init_model": True}, "checkpoint.init_model"),  # without init_from
 ]
 
 

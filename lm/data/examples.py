@@ -4,7 +4,9 @@ A TFDS builder turns each usable record into one tokenized example (lm.objective
 targets, weights, at most data.seq_len long), split and deduplicated by content as documents are.
 Rows are packed greedily, in the order of a permutation drawn per epoch from (data.seed, epoch):
 an example goes into the current row if it fits, else it starts the next. So the rows of step k
-are a pure function of (seed, k), and no example is ever split between rows.
+are a pure function of (seed, k), and no example is ever split between rows. A row holds at most
+model.cudnn_max_documents examples on every platform (cuDNN keeps only that many segments apart), so
+the rows are the same wherever the run resumes.
 """
 
 import collections
@@ -15,12 +17,14 @@ import threading
 import numpy as np
 import tensorflow_datasets as tfds
 
+from lm.config import ConfigError
 from lm.data import sources, tfds_builder
 from lm.objectives import Example, Objective
 
 
-# Why a record is no example, counted per split: not what the objective reads, or a label not of its classes.
-_EXAMPLE_SKIP_REASONS = ("not_an_example", "bad_label")
+# Why a record is no example, counted per split: not what the objective reads, a label not of its classes, or
+# (SFT) a prompt so long that no response token fits in data.seq_len.
+EXAMPLE_SKIP_REASONS = ("not_an_example", "bad_label", "no_response")
 
 
 class TokenizedExamples(tfds.core.GeneratorBasedBuilder):
@@ -63,16 +67,35 @@ class TokenizedExamples(tfds.core.GeneratorBasedBuilder):
       split, digest = tfds_builder.split_of(json.dumps(record, sort_keys=True), self._validation_fraction)
       yield split, digest, record
 
+  def _example(self, record):
+    """The objective's example of a record, or why there is none."""
+    return self._objective.example(record, self._tokenizer, self._seq_len) if isinstance(record, dict) else "not_an_example"
+
   def _split_generators(self, dl_manager):
     del dl_manager
-    found = {split for split, _, _ in self._records(collections.Counter())}
+    # The splits that get at least one example; reads only until every split that can has one.
+    possible = set(tfds_builder.SPLITS) if self._validation_fraction > 0 else {"train"}
+    found, counts = set(), collections.Counter()
+    for split, _, record in self._records(counts):
+      if split not in found:
+        example = self._example(record)
+        counts[example if isinstance(example, str) else "usable"] += 1
+        if not isinstance(example, str):
+          found.add(split)
+          if found == possible:
+            break
+    if "train" not in found:  # then every record was read: the counts are whole
+      raise ConfigError(
+          f"data.source: {self._source.slug} has no {self._objective.name} examples for training; skipped "
+          f"{tfds_builder.skipped(counts)} (the records it reads: lm/objectives/{self._objective.name}.py)"
+      )
     splits = [split for split in tfds_builder.SPLITS if split in found]
     for split in tfds_builder.SPLITS:
       if split not in splits:  # TFDS cannot write an empty split: it is left out, with zero counts
         self.info.metadata[f"{split}_examples"] = 0
         self.info.metadata[f"{split}_lengths"] = []
         self.info.metadata[f"{split}_duplicates"] = 0
-        for reason in (*_EXAMPLE_SKIP_REASONS, "cut"):
+        for reason in (*EXAMPLE_SKIP_REASONS, "cut"):
           self.info.metadata[f"{split}_{reason}"] = 0
     return {split: self._generate_examples(split) for split in splits}
 
@@ -86,7 +109,7 @@ class TokenizedExamples(tfds.core.GeneratorBasedBuilder):
         counts["duplicates"] += 1
         continue
       seen.add(digest)
-      example = self._objective.example(record, self._tokenizer, self._seq_len) if isinstance(record, dict) else "not_an_example"
+      example = self._example(record)
       if isinstance(example, str):
         counts[f"{split}_{example}"] += 1
         continue
@@ -95,7 +118,7 @@ class TokenizedExamples(tfds.core.GeneratorBasedBuilder):
       lengths.append(len(example.inputs))
     for reason in tfds_builder.SKIP_REASONS:
       self.info.metadata[reason] = counts[reason]  # the same in every split's pass over the source
-    for reason in (*_EXAMPLE_SKIP_REASONS, "cut"):
+    for reason in (*EXAMPLE_SKIP_REASONS, "cut"):
       self.info.metadata[f"{split}_{reason}"] = counts[f"{split}_{reason}"]  # of this split's records only
     self.info.metadata[f"{split}_examples"] = len(lengths)
     self.info.metadata[f"{split}_lengths"] = lengths
@@ -108,18 +131,19 @@ def summary(builder: TokenizedExamples) -> str:
   total = lambda name: sum(meta.get(f"{split}_{name}", 0) for split in tfds_builder.SPLITS)
   kept = ", ".join(f"{split} {meta[f'{split}_examples']:,} examples" for split in tfds_builder.SPLITS)
   counts = collections.Counter({reason: meta.get(reason, 0) for reason in tfds_builder.SKIP_REASONS})
-  counts.update({reason: total(reason) for reason in _EXAMPLE_SKIP_REASONS})
+  counts.update({reason: total(reason) for reason in EXAMPLE_SKIP_REASONS})
   return (
       f"Kept {kept}; skipped {tfds_builder.skipped(counts)}; {total('duplicates')} exact duplicates dropped; "
       f"{total('cut')} examples longer than data.seq_len cut"
   )
 
 
-def pack(lengths: np.ndarray, order: np.ndarray, seq_len: int) -> list[np.ndarray]:
-  """The examples (indices) of each row: in `order`, each into the current row if it fits, else the next."""
+def pack(lengths: np.ndarray, order: np.ndarray, seq_len: int, max_examples: int) -> list[np.ndarray]:
+  """The examples (indices) of each row: in `order`, each into the current row if it fits (at most
+  `max_examples` in a row), else the next."""
   rows, current, used = [], [], 0
   for index in order.tolist():
-    if current and used + lengths[index] > seq_len:
+    if current and (used + lengths[index] > seq_len or len(current) == max_examples):
       rows.append(np.asarray(current))
       current, used = [], 0
     current.append(index)
@@ -132,10 +156,11 @@ def pack(lengths: np.ndarray, order: np.ndarray, seq_len: int) -> list[np.ndarra
 class PackedRows:
   """The rows of a split: with a seed, endless, each epoch packed in its own order; without, one pass in order."""
 
-  def __init__(self, builder: TokenizedExamples, split: str, seq_len: int, seed: int | None):
+  def __init__(self, builder: TokenizedExamples, split: str, seq_len: int, seed: int | None, max_examples: int):
     self._records = builder.as_data_source(split) if builder.info.metadata[f"{split}_examples"] else []
     self._lengths = np.asarray(builder.info.metadata[f"{split}_lengths"], np.int64)
     self._seq_len = seq_len
+    self._max_examples = max_examples
     self._seed = seed
     self._epochs: list[list[np.ndarray]] = []  # the rows of epochs 0, 1, ..., as far as asked
     self._first_row: list[int] = [0]  # global index of each epoch's first row, and of the next one's
@@ -146,7 +171,7 @@ class PackedRows:
       while len(self._epochs) <= epoch:
         number = len(self._epochs)
         order = np.arange(len(self._lengths)) if self._seed is None else np.random.default_rng([self._seed, number]).permutation(len(self._lengths))
-        self._epochs.append(pack(self._lengths, order, self._seq_len))
+        self._epochs.append(pack(self._lengths, order, self._seq_len, self._max_examples))
         self._first_row.append(self._first_row[-1] + len(self._epochs[-1]))
       return self._epochs[epoch]
 

@@ -105,7 +105,7 @@ def train_batches(
         vocab_size=config.model.vocab_size,
     )
   elif objectives.get(config).reads_examples:
-    packed = examples.PackedRows(builder, "train", data.seq_len, seed=data.seed)
+    packed = examples.PackedRows(builder, "train", data.seq_len, data.seed, config.model.cudnn_max_documents)
     step_rows = functools.partial(_example_rows_of_step, packed, data.batch_size, rows, data.seq_len)
   else:
     windows = _windows(builder, "train", data.seq_len, shuffle_seed=data.seed)
@@ -131,7 +131,7 @@ def eval_batches(
   batch_sharding = sharding.logical_sharding(mesh, axis_rules, sharding.BATCH_AXES)
   rows = sharding.process_rows(batch_sharding, (data.batch_size, data.seq_len))
   if objectives.get(config).reads_examples:
-    packed = examples.PackedRows(builder, split, data.seq_len, seed=None)
+    packed = examples.PackedRows(builder, split, data.seq_len, None, config.model.cudnn_max_documents)
     count = -(-len(packed) // data.batch_size)
     step_rows = functools.partial(_example_rows_of_step, packed, data.batch_size, rows, data.seq_len)
   else:

@@ -66,6 +66,11 @@ def export(workdir: str, step: int | None, out_dir: str, overwrite: bool = False
   _refuse_overlap(out_dir, workdir, "--out", "the run")
   _refuse_contents(out_dir, "--out", overwrite)
   loaded = inference.load(workdir, step)
+  if loaded.objective.num_classes:  # transformers' *ForCausalLM has no place for it
+    raise UserError(
+        f"{workdir} is a {loaded.objective.name} run: export writes causal language models, which would drop its "
+        "classifier head"
+    )
   tokenizer = loaded.tokenizer
   os.makedirs(os.path.dirname(out_dir), exist_ok=True)
   partial = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".partial-", dir=os.path.dirname(out_dir))

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm.config import UserError
 from lm.models import transformer
 from lm.objectives import base
 
@@ -79,6 +80,8 @@ class CausalLM(base.Objective):
   def summarize(self, sums):
     """Loss (nats per token), perplexity and bits per byte (comparable across tokenizers)."""
     loss_sum, tokens = float(sums["loss_sum"]), float(sums["tokens"])
+    if tokens == 0:
+      raise UserError("nothing to evaluate: the batches hold no scored tokens")
     loss = loss_sum / tokens
     return {
         "loss": loss,

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm.config import UserError
 from lm.objectives import base
 
 
@@ -105,6 +106,8 @@ class Classification(base.Objective):
     """Loss, accuracy, macro-F1 and f1_<class name> for each class seen in labels or predictions."""
     confusion_KK = np.asarray(sums["confusion"], np.float64)
     examples = float(sums["examples"])
+    if examples == 0:
+      raise UserError("nothing to evaluate: the batches hold no examples")
     scores = f1_scores(confusion_KK)
     return {
         "loss": float(sums["loss_sum"]) / examples,

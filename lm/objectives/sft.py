@@ -97,6 +97,8 @@ class SFT(causal_lm.CausalLM):
     tokens, learned = chat_tokens(messages, tokenizer, template_name(self.config.chat_template, tokenizer))
     cut = len(tokens) > seq_len + 1  # seq_len inputs, each scored on the token after it
     tokens, learned = tokens[: seq_len + 1], learned[: seq_len + 1]
+    if not any(learned[1:]):  # the prompt fills the row: nothing of the response is left to learn
+      return "no_response"
     return base.Example(
         inputs=np.asarray(tokens[:-1], np.int32),
         targets=np.asarray(tokens[1:], np.int32),

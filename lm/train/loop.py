@@ -64,18 +64,22 @@ class TrainSetup:
 
 
 def setup(
-    config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None, prepare_data: bool = True
+    config: ml_collections.ConfigDict,
+    devices: Sequence[jax.Device] | None = None,
+    prepare_data: bool = True,
+    workdir: str | None = None,
 ) -> TrainSetup:
   """Checks the config, prepares the data, then builds the mesh (over `devices`, default all), model, state and step.
 
   A model.vocab_size of 0 becomes the tokenizer's vocabulary (with synthetic data, or without
   `prepare_data`, the data.tokenizer_vocab_size a tokenizer would have at most), rounded up to
-  model.vocab_multiple.
+  model.vocab_multiple. `workdir` is the run's own, from which a resumed checkpoint.init_model run
+  takes its model.
   """
   devices = list(jax.devices() if devices is None else devices)
   config_lib.resolve_paths(config)
   if config.checkpoint.init_from and config.checkpoint.get("init_model"):
-    _model_of_init_run(config)
+    _model_of_init_run(config, workdir)
   config_lib.validate(config, len(devices))
   objective = objectives.get(config)
   tokenizer, dataset = None, None
@@ -115,11 +119,15 @@ _EXECUTION_FIELDS = (
 )  # fmt: skip
 
 
-def _model_of_init_run(config: ml_collections.ConfigDict) -> None:
+def _model_of_init_run(config: ml_collections.ConfigDict, workdir: str | None) -> None:
   """checkpoint.init_model: model.* from checkpoint.init_from's run (but _EXECUTION_FIELDS), and its tokenizer
-  unless data.tokenizer names one."""
-  other = checkpoints_lib.read_only_manager(config.checkpoint.init_from)
+  unless data.tokenizer names one. A run resumed in `workdir` takes them from its own checkpoints and
+  workdir instead, so it never needs the other run again."""
+  own = workdir and os.path.isdir(workdir_lib.path(workdir, workdir_lib.CHECKPOINTS_DIR))
+  other = checkpoints_lib.read_only_manager(workdir if own else config.checkpoint.init_from)
   if other.latest_step() is None:
+    if own:  # no step saved yet: as a new run
+      return _model_of_init_run(config, None)
     raise config_lib.ConfigError(f"checkpoint.init_from: no checkpoint in {other.directory}")
   model = checkpoints_lib.restore_config(other, other.latest_step()).model
   for field in _EXECUTION_FIELDS:
@@ -187,7 +195,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
   workdir = config_lib.absolute_path(workdir)
   lock = workdir_lib.Lock(workdir, "training") if jax.process_index() == 0 else None
   with lock or contextlib.nullcontext():
-    run = setup(config)  # before config.json is written: it fills in the vocabulary size
+    run = setup(config, workdir=workdir)  # before config.json is written: it fills in the vocabulary size
     _train(config, workdir, run, lock)
 
 

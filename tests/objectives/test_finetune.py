@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -122,10 +123,11 @@ def test_sft_runs_equal_on_one_device_and_eight_and_resume_exactly(text_config, 
 
 def test_classification_fine_tune_reaches_well_above_chance(text_config, trained_run, labelled_dir, tmp_path, capsys):
   _, pretrained = trained_run
-  config = _finetune_config(text_config, pretrained, {
+  config_overrides = {
       "objective.name": "classification", "objective.class_names": ",".join(CLASSES), "data.source": f"text:{labelled_dir}",
       "data.batch_size": 8, "train.steps": 40, "eval.every": 40, "checkpoint.every": 20,
-  })  # fmt: skip
+  }  # fmt: skip
+  config = _finetune_config(text_config, pretrained, config_overrides)
   workdir = str(tmp_path / "classify")
   loop.train(config, workdir)
   out = capsys.readouterr().out
@@ -144,3 +146,38 @@ def test_classification_fine_tune_reaches_well_above_chance(text_config, trained
   assert set(last) >= {"loss", "accuracy", "macro_f1", "f1_model", "f1_token", "f1_epoch", "examples"}
   assert last["examples"] == lm.load(workdir).evaluate()["examples"] > 40
   assert printed[0]["accuracy"] <= last["accuracy"]
+
+  # Resumed, the run takes its model and tokenizer from its own checkpoints, not from init_from's run.
+  elsewhere = tmp_path / "no_run_here"
+  elsewhere.mkdir()
+  resumed = loop.setup(_finetune_config(text_config, str(elsewhere), config_overrides), workdir=workdir)
+  assert resumed.config.model.num_layers == 2 and resumed.config.data.tokenizer == os.path.join(workdir, "tokenizer.model")
+
+
+def test_records_that_give_no_example_for_training_say_so_in_one_line(text_config, trained_run, tmp_path):
+  from lm.config import ConfigError
+
+  _, pretrained = trained_run
+  labels = ["pos", "neg", "pos", "neg", "pos"]  # names, but the config names no classes
+  _write_jsonl(str(tmp_path / "named" / "labels.jsonl"), [{"text": f"text {i}", "label": label} for i, label in enumerate(labels)])
+  config = text_config({
+      "objective.name": "classification", "objective.num_classes": 2, "data.source": f"text:{tmp_path / 'named'}",
+      "data.tokenizer": os.path.join(pretrained, "tokenizer.model"), "data.data_dir": str(tmp_path / "data"),
+  })  # fmt: skip
+  with pytest.raises(ConfigError, match=r"^data.source: text-named has no classification examples for training; skipped "
+                     r"5 bad_label \(the records it reads: lm/objectives/classification.py\)$"):
+    loop.setup(config)
+
+
+def test_a_classification_run_is_not_exported_as_a_language_model(tmp_path, monkeypatch):
+  from lm import inference, objectives
+  from lm.config import UserError
+  from lm.interop import __main__ as interop
+
+  class Loaded:
+    objective = objectives.get(ml_collections.ConfigDict({"objective": {"name": "classification", "num_classes": 2, "class_names": ""}}))
+
+  monkeypatch.setattr(inference, "load", lambda workdir, step: Loaded())
+  with pytest.raises(UserError, match="is a classification run: export writes causal language models"):
+    interop.export(str(tmp_path / "run"), None, str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()

@@ -80,6 +80,7 @@ def test_records_that_are_no_example_say_why(record, reason):
 
 def test_a_long_example_is_cut_and_counted():
   tokenizer = CharTokenizer()
+  assert _objective("sft").example({"prompt": "p" * 60, "response": "r"}, tokenizer, seq_len=40) == "no_response"
   example = _objective("sft").example({"prompt": "p" * 10, "response": "r" * 100}, tokenizer, seq_len=40)
   assert example.cut and len(example.inputs) == 40 and example.weights.sum() > 0
   short = _objective("sft").example({"prompt": "p", "response": "r"}, tokenizer, seq_len=40)
@@ -125,9 +126,12 @@ def test_sft_loss_depends_on_response_targets_only(tiny_config):
 
 def test_examples_are_packed_whole_in_their_own_segments():
   lengths = np.array([5, 3, 4, 8, 1, 2])
-  rows = examples.pack(lengths, np.arange(6), seq_len=8)
+  rows = examples.pack(lengths, np.arange(6), seq_len=8, max_examples=32)
   assert [list(row) for row in rows] == [[0, 1], [2], [3], [4, 5]]
   assert all(lengths[row].sum() <= 8 for row in rows)
+  # cuDNN keeps only so many segments apart: a row never holds more, on any platform
+  assert [list(row) for row in examples.pack(np.ones(7, np.int64), np.arange(7), seq_len=8, max_examples=3)] == [
+      [0, 1, 2], [3, 4, 5], [6]]  # fmt: skip
   made = [objectives.Example(np.full(n, i + 10, np.int32), np.full(n, i, np.int32), np.ones(n, np.float32)) for i, n in enumerate(lengths)]
   packed = batch_lib.from_examples([[made[i] for i in row] for row in rows], 8)
   assert packed["segment_ids"][0].tolist() == [1] * 5 + [2] * 3
