@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import warnings
 from typing import Any
 
@@ -77,14 +78,22 @@ def save(
   )
 
 
+def _from_orbax(record: logging_lib.LogRecord) -> bool:
+  """Whether a log record comes from Orbax, or from asyncio about one of Orbax's writers."""
+  orbax = f"{os.sep}orbax{os.sep}"
+  if orbax in record.pathname:
+    return True
+  if record.name != "asyncio":
+    return False
+  frames = traceback.extract_tb(record.exc_info[2]) if record.exc_info and record.exc_info[2] else []
+  return "orbax" in record.getMessage() or any(orbax in frame.filename for frame in frames)
+
+
 class _NotFromOrbax(logging_lib.Filter):
-  """Drops the errors Orbax logs, and asyncio's "Task exception was never retrieved" for Orbax's writers."""
+  """Drops the errors Orbax logs, and asyncio's "... exception was never retrieved" for Orbax's writers."""
 
   def filter(self, record: logging_lib.LogRecord) -> bool:
-    if record.levelno < logging_lib.ERROR:
-      return True
-    orbax = f"{os.sep}orbax{os.sep}"
-    return orbax not in record.pathname and not (record.name == "asyncio" and orbax in record.getMessage())
+    return record.levelno < logging_lib.ERROR or not _from_orbax(record)
 
 
 def _quiet_orbax_errors() -> None:
@@ -164,6 +173,9 @@ class Saver:
       raise self._failed(error) from None
 
   def _failed(self, error: Exception) -> UserError:
+    # The run ends with this one line; the writers the failure left behind are reported by asyncio as they
+    # are collected (futures "never retrieved", at any time until exit): not one of them is news.
+    logging_lib.getLogger("asyncio").disabled = True
     on_disk = [step for step in self.checkpoints.all_steps() if os.path.isdir(stored_lib.step_dir(self.checkpoints, step))]
     earlier = [step for step in on_disk if self._step is None or step < self._step]
     kept = f"the checkpoint of step {max(earlier)} is intact" if earlier else "no earlier checkpoint was kept"
