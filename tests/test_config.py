@@ -126,7 +126,7 @@ def test_cli_reports_a_bad_config_in_one_line(tmp_path, override, field):
       cwd=REPO,
       capture_output=True,
       text=True,
-      timeout=120,
+      timeout=600,
   )
   assert result.returncode != 0
   assert len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -135,7 +135,7 @@ def test_cli_reports_a_bad_config_in_one_line(tmp_path, override, field):
 
 def test_an_error_of_the_command_itself_is_not_called_an_unknown_field():
   script = "from lm import cli\ndef broken():\n  raise AttributeError('no attribute shape')\ncli.run(broken)"
-  result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+  result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode != 0
   assert "AttributeError: no attribute shape" in result.stderr and "unknown config field" not in result.stderr
 

@@ -114,5 +114,5 @@ def test_a_prompt_that_is_not_utf8_is_a_one_line_error(trained_run):
   with pytest.raises(UserError, match=r"^prompt 2: text is not valid UTF-8 at character 4 \(byte 0xe9\)$"):
     lm.load(workdir).generate(["fine", prompt], max_new_tokens=2)
   result = subprocess.run([sys.executable, "-m", "lm.generate", f"--workdir={workdir}", b"--prompt=caf\xe9", "--max_new_tokens=2"],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
   assert result.returncode == 1 and result.stderr.strip().splitlines() == [result.stderr.strip()]

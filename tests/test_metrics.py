@@ -52,7 +52,7 @@ def test_throughput_benchmark_reports_consistent_numbers(tmp_path):
       [sys.executable, "benchmarks/throughput.py", "--config=configs/quickstart.py", "--config.model.num_layers=2",
        "--config.data.batch_size=8", "--config.data.seq_len=64", "--config.model.vocab_size=256",
        "--warmup=2", "--windows=3", "--steps=2", "--peak_flops=1e12", f"--json={out}"],
-      cwd=REPO, capture_output=True, text=True, timeout=300,
+      cwd=REPO, capture_output=True, text=True, timeout=900,
   )  # fmt: skip
   assert result.returncode == 0, result.stderr
   numbers = json.loads(out.read_text())

@@ -79,7 +79,7 @@ def test_a_second_trainer_is_refused_and_a_killed_ones_lock_is_taken_over(tmp_pa
     assert first.poll() is None and time.time() < deadline, first.communicate()
     time.sleep(0.5)
   second = _train(workdir, steps=4)
-  _, stderr = second.communicate(timeout=240)
+  _, stderr = second.communicate(timeout=600)
   assert second.returncode == 1
   (line,) = stderr.strip().splitlines()
   assert f"is in use: training process {first.pid} on " in line and "lm.train" in line
@@ -89,7 +89,7 @@ def test_a_second_trainer_is_refused_and_a_killed_ones_lock_is_taken_over(tmp_pa
   first.wait()
   steps = max(int(name) for name in os.listdir(workdir / "checkpoints") if name.isdigit()) + 2
   third = _train(workdir, steps=steps)
-  stdout, stderr = third.communicate(timeout=240)
+  stdout, stderr = third.communicate(timeout=600)
   assert third.returncode == 0, stderr
   assert f"taking over the lock of a training process {first.pid}" in stdout and "Resuming from step" in stdout
   assert not (workdir / workdir_lib.LOCK_FILE).exists()
@@ -100,7 +100,7 @@ def test_a_workdir_under_home_is_one_folder(tmp_path):
   home = tmp_path / "home"
   home.mkdir()
   process = _train("~/x", steps=2, home=home)
-  _, stderr = process.communicate(timeout=240)
+  _, stderr = process.communicate(timeout=600)
   assert process.returncode == 0, stderr
   assert sorted(os.listdir(home / "x")) == ["checkpoints", "config.json", "metrics.jsonl", "tensorboard"]
   assert not os.path.exists(os.path.join(REPO, "~"))
@@ -134,7 +134,7 @@ def test_of_several_processes_taking_over_one_stale_lock_only_one_gets_it(tmp_pa
     while sum(process.poll() is not None for process in processes) < 3 and time.time() < deadline:
       time.sleep(0.05)  # the refused ones end; the holder waits for `release`
     release.touch()
-    outcomes = sorted(process.communicate(timeout=120)[0].split()[-1] for process in processes)
+    outcomes = sorted(process.communicate(timeout=600)[0].split()[-1] for process in processes)
     assert outcomes == ["held", "refused", "refused", "refused"]
 
 

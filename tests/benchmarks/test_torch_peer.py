@@ -21,7 +21,7 @@ def test_torch_gpt2_peer_reports_throughput_and_mfu(tmp_path):
       [sys.executable, "benchmarks/peers/torch_gpt2.py", "--n_layer=2", "--n_head=4", "--n_embd=64", "--seq_len=64",
        "--batch_size=8", "--vocab_size=256", "--no-compile", "--warmup=1", "--windows=2", "--steps=2",
        "--peak_flops=1e12", f"--json={out}"],
-      cwd=REPO, capture_output=True, text=True, timeout=300,
+      cwd=REPO, capture_output=True, text=True, timeout=900,
   )  # fmt: skip
   assert result.returncode == 0, result.stderr
   numbers = json.loads(out.read_text())

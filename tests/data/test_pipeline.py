@@ -131,7 +131,7 @@ def test_two_processes_build_the_same_global_batches_as_one(prepared, mesh_sizes
       for process_id in range(2)
   ]
   for worker in workers:
-    assert worker.wait(timeout=180) == 0
+    assert worker.wait(timeout=600) == 0
   rows_of_process = [np.load(tmp_path / f"process{process_id}.npz")["rows"] for process_id in range(2)]
   np.testing.assert_array_equal(np.sort(np.concatenate(rows_of_process)), np.arange(config.data.batch_size))
   one_block = all(np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows))) for rows in rows_of_process)

@@ -11,7 +11,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def _run(module, *args):
   return subprocess.run(
       [sys.executable, "-m", module, "--config=configs/quickstart.py", *args],
-      cwd=REPO, capture_output=True, text=True, timeout=300,
+      cwd=REPO, capture_output=True, text=True, timeout=900,
   )
 
 

@@ -266,7 +266,7 @@ def test_gpt2_export_refuses_grouped_query_attention(tiny_config, tmp_path):
 def test_trained_run_exports_and_generates_the_same_greedy_text(trained_run, tmp_path):
   _, workdir = trained_run
   result = subprocess.run([sys.executable, "-m", "lm.interop", "export", f"--workdir={workdir}", f"--out={tmp_path}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+                          cwd=REPO, capture_output=True, text=True, timeout=900)  # fmt: skip
   assert result.returncode == 0, result.stderr
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
   model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
@@ -284,7 +284,7 @@ def test_imported_model_evaluates_and_continues_training(trained_run, corpus_dir
   exported, imported = tmp_path / "hf", tmp_path / "imported"
   for command in (["export", f"--workdir={workdir}", f"--out={exported}"], ["import", str(exported), f"--workdir={imported}"]):
     result = subprocess.run([sys.executable, "-m", "lm.interop", *command], cwd=REPO, capture_output=True, text=True,
-                            timeout=300)  # fmt: skip
+                            timeout=900)  # fmt: skip
     assert result.returncode == 0, result.stderr
   original, again = lm.load(workdir), lm.load(str(imported))
   assert again.step == 0
@@ -298,7 +298,7 @@ def test_imported_model_evaluates_and_continues_training(trained_run, corpus_dir
        "--config.train.steps=3", f"--config.data.source=text:{corpus_dir}", "--config.data.seq_len=32",
        "--config.data.batch_size=8", "--config.optimizer.warmup_steps=1", "--config.train.log_every=1",
        "--config.eval.every=0", f"--config.data.data_dir={tmp_path / 'data'}"],
-      cwd=REPO, capture_output=True, text=True, timeout=300,
+      cwd=REPO, capture_output=True, text=True, timeout=900,
   )  # fmt: skip
   assert trained.returncode == 0, trained.stderr
   assert "Resuming from step 0" in trained.stdout
@@ -358,7 +358,7 @@ def test_import_into_a_workdir_in_use_names_the_process(trained_run, tmp_path):
   _import_export().export(trained_run[1], None, str(hf_dir))
   with workdir_lib.Lock(str(busy), "training"):
     result = subprocess.run([sys.executable, "-m", "lm.interop", "import", str(hf_dir), f"--workdir={busy}", "--overwrite"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+                            cwd=REPO, capture_output=True, text=True, timeout=900)  # fmt: skip
   assert result.returncode == 1
   (line,) = result.stderr.strip().splitlines()
   assert f"is in use: training process {os.getpid()}" in line

@@ -14,7 +14,7 @@ def _script(*flags: str) -> list[str]:
   result = subprocess.run(
       [sys.executable, "launch/slurm.py", *flags, "--dry_run", "--", "--config=configs/llama_8b.py",
        "--workdir=/shared/runs/a", "--config.data.source=text:/data/it's here"],
-      cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
+      cwd=REPO, capture_output=True, text=True, timeout=600, check=True,
   )  # fmt: skip
   return result.stdout.splitlines()
 

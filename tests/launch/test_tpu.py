@@ -69,7 +69,7 @@ def test_queued_spot_slice_deleted_after():
 def test_missing_training_arguments_are_an_error():
   result = subprocess.run(
       [sys.executable, "launch/tpu.py", "--name=a", "--project=p", "--zone=z", "--accelerator=v4-8", "--runtime=r",
-       "--dry_run"], cwd=REPO, capture_output=True, text=True, timeout=60,
+       "--dry_run"], cwd=REPO, capture_output=True, text=True, timeout=600,
   )  # fmt: skip
   assert result.returncode != 0 and "pass --config=... and --workdir=..." in result.stderr
 

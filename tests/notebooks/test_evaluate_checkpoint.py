@@ -19,7 +19,7 @@ def test_notebook_executes_on_a_run(trained_run, monkeypatch):
   monkeypatch.setenv("LM_WORKDIR", workdir)
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")  # a 1-device kernel, like a laptop
   notebook = nbformat.read(NOTEBOOK, as_version=4)
-  nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": REPO}}).execute()
+  nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": REPO}}).execute()
   outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
   assert not [output for output in outputs if output.output_type == "error"]
   images = [output for output in outputs if "image/png" in output.get("data", {})]

@@ -136,7 +136,7 @@ def test_classification_fine_tune_reaches_well_above_chance(text_config, trained
   assert rows[40]["eval_accuracy"] > 0.8  # chance: 1/3
 
   result = subprocess.run(
-      [sys.executable, "-m", "lm.evaluate", f"--workdir={workdir}", "--all"], cwd=REPO, capture_output=True, text=True, timeout=300
+      [sys.executable, "-m", "lm.evaluate", f"--workdir={workdir}", "--all"], cwd=REPO, capture_output=True, text=True, timeout=900
   )
   assert result.returncode == 0, result.stderr
   printed = [json.loads(line) for line in result.stdout.strip().splitlines()]

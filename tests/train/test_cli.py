@@ -27,7 +27,7 @@ def test_quickstart_cli_trains_on_the_builtin_corpus_and_writes_the_workdir(tmp_
       cwd=REPO,
       capture_output=True,
       text=True,
-      timeout=300,
+      timeout=900,
   )
   assert result.returncode == 0, result.stderr
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]

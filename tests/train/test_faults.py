@@ -222,19 +222,19 @@ def test_a_save_that_fails_stops_the_run_in_one_line_keeping_the_checkpoint_befo
       f"--config.checkpoint.async_save={async_save}",
   ]  # fmt: skip
   env = {name: value for name, value in os.environ.items() if not name.startswith("JAX_COMPILATION_CACHE")}
-  subprocess.run([*command, "--config.train.steps=2"], cwd=repo, env=env, check=True, capture_output=True, timeout=300)
+  subprocess.run([*command, "--config.train.steps=2"], cwd=repo, env=env, check=True, capture_output=True, timeout=900)
 
   def small_files_only():
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writing past the limit fails (EFBIG) instead of killing
     resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 
   failed = subprocess.run([*command, "--config.train.steps=8"], cwd=repo, env=env, capture_output=True, text=True,
-                          timeout=300, preexec_fn=small_files_only)  # fmt: skip
+                          timeout=900, preexec_fn=small_files_only)  # fmt: skip
   assert failed.returncode == 1, failed.stderr
   assert len(failed.stderr.strip().splitlines()) == 1, failed.stderr
   (line,) = failed.stderr.strip().splitlines()
   assert line.startswith(f"error: saving step 4 in {tmp_path / 'checkpoints'} failed (") and "step 2 is intact" in line
 
-  resumed = subprocess.run([*command, "--config.train.steps=4"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+  resumed = subprocess.run([*command, "--config.train.steps=4"], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
   assert resumed.returncode == 0, resumed.stderr
   assert "Resuming from step 2" in resumed.stdout
