@@ -103,13 +103,19 @@ def _walk(root: str) -> Iterator[str]:
         yield path
 
 
-def builtin() -> Source:
-  """The Python standard library of this interpreter: its .py sources and text files, tests excluded."""
+def _stdlib_files(extensions: tuple[str, ...]) -> tuple[str, list[str]]:
+  """(the standard library's folder, its files with these extensions, tests excluded), in a stable order."""
   root = sysconfig.get_paths()["stdlib"]
   paths = []
   for directory, subdirectories, files in os.walk(root):
     subdirectories[:] = sorted(d for d in subdirectories if d not in _BUILTIN_SKIPPED_DIRS)
-    paths += [os.path.join(directory, name) for name in sorted(files) if name.endswith((".py", ".txt"))]
+    paths += [os.path.join(directory, name) for name in sorted(files) if name.endswith(extensions)]
+  return root, paths
+
+
+def builtin() -> Source:
+  """The Python standard library of this interpreter: its .py sources and text files, tests excluded."""
+  root, paths = _stdlib_files((".py", ".txt"))
   fingerprint = _hash("builtin", sys.version, root, len(paths))
   return Source(f"builtin-py{sys.version_info.major}{sys.version_info.minor}", fingerprint, lambda: _file_documents(paths, ""))
 
@@ -139,11 +145,7 @@ def _docstring_pairs(paths: list[str]) -> Iterator[Document]:
 
 def builtin_chats() -> Source:
   """Prompt/response pairs from this Python's standard library: a function's docstring, then its signature."""
-  root = sysconfig.get_paths()["stdlib"]
-  paths = []
-  for directory, subdirectories, files in os.walk(root):
-    subdirectories[:] = sorted(d for d in subdirectories if d not in _BUILTIN_SKIPPED_DIRS)
-    paths += [os.path.join(directory, name) for name in sorted(files) if name.endswith(".py")]
+  root, paths = _stdlib_files((".py",))
   fingerprint = _hash("builtin_chats", sys.version, root, len(paths))
   slug = f"builtin-chats-py{sys.version_info.major}{sys.version_info.minor}"
   return Source(slug, fingerprint, lambda: _docstring_pairs(paths))
