@@ -31,7 +31,7 @@ def main(argv):
   print(f"{'rows':>5} {'seq_len':>8} {'tokens/s per process':>22}  ({jax.process_count()} process, {jax.device_count()} devices)")
   for batch_size, seq_len in SHAPES:
     config.data.batch_size, config.data.seq_len = batch_size, seq_len
-    batches = pipeline.train_batches(config, mesh, rules, builder, tokenizer.eos_id)
+    batches = pipeline.train_batches(config, mesh, rules, builder, tokenizer)
     for batch in itertools.islice(batches, 20):
       jax.block_until_ready(batch)
     start = time.perf_counter()

@@ -7,7 +7,8 @@
 
 Labels are class numbers (0 .. objective.num_classes - 1) or the names in objective.class_names.
 The model and tokenizer come from checkpoint.init_from's run, as in configs/sft.py (whose
-training settings this shares); a linear head on the text's last token is added and trained with it.
+training settings this shares); a linear head on the text's last token (an encoder's first, BERT's [CLS]) is
+added and trained with it.
 """
 
 import os

@@ -11,7 +11,10 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   config.model = model = ml_collections.ConfigDict()
-  model.family = "llama"  # "llama" (RMSNorm, rotary, SwiGLU, no biases) or "gpt2" (LayerNorm, learned positions, GELU, biases)
+  # Decoders: "llama" (RMSNorm, rotary, SwiGLU, no biases), "gpt2" (LayerNorm, learned positions, GELU, biases);
+  # encoder: "bert" (bidirectional, post-LayerNorm, learned positions, exact GELU, biases, MLM head);
+  # encoder-decoder: "t5" (T5 v1.1: RMSNorm, relative position buckets, gated GELU, no biases).
+  model.family = "llama"
   model.vocab_size = 0  # embedding rows; 0: the tokenizer's vocabulary rounded up to vocab_multiple
   model.vocab_multiple = 128  # with vocab_size 0, round the vocabulary up to a multiple of this (faster matmuls)
   model.num_layers = 12  # Transformer blocks
@@ -19,6 +22,11 @@ def get_config() -> ml_collections.ConfigDict:
   model.num_heads = 12  # query heads
   model.num_kv_heads = 12  # key/value heads; fewer than num_heads is grouped-query attention
   model.mlp_dim = 3072  # hidden width of the MLP
+  model.head_dim = 0  # width of one attention head; 0: embed_dim // num_heads (T5 sets it apart)
+  model.num_decoder_layers = 0  # t5: blocks of the decoder; 0: as many as the encoder's num_layers
+  model.relative_buckets = 32  # t5: relative position buckets of each stack's attention bias
+  model.relative_max_distance = 128  # t5: distances past this share the last bucket
+  model.type_vocab_size = 2  # bert: token-type (segment A/B) embeddings; lm trains with type 0 only
   model.max_seq_len = 2048  # longest sequence the model accepts (size of GPT-2's position table)
   model.rope_theta = 10000.0  # rotary base frequency (llama family)
   model.rope_scaling = "none"  # rotary frequencies stretched for longer contexts: "none", "linear", "llama3" (3.1's)
@@ -47,11 +55,16 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.objective = objective = ml_collections.ConfigDict()
   # What the model learns (lm/objectives/): "causal_lm" (every next token of plain text), "sft" (the responses of
-  # prompt/response pairs or chats in .jsonl) or "classification" (a label per .jsonl text, from the last token).
+  # prompt/response pairs or chats in .jsonl), "classification" (a label per .jsonl text, read at its last token,
+  # or at its first for an encoder), "mlm" (masked tokens of plain text; encoders) or "span_corruption" (dropped
+  # spans of plain text, written by the decoder; encoder-decoders).
   objective.name = "causal_lm"
   objective.chat_template = "auto"  # sft: "auto" (llama3 when the tokenizer has its header tokens, else plain), "llama3", "plain"
   objective.num_classes = 0  # classification: labels are 0 .. num_classes - 1 (or the names in class_names)
   objective.class_names = ""  # classification: comma-separated label names, when the data's labels are names
+  objective.mask_rate = 0.15  # mlm: share of tokens chosen for prediction (of those 80% [MASK], 10% random, 10% kept)
+  objective.noise_density = 0.15  # span_corruption: share of tokens dropped from the input for the decoder to write
+  objective.mean_span_length = 3.0  # span_corruption: mean length of a dropped span
 
   config.mesh = mesh = ml_collections.ConfigDict()
   # Device mesh axis sizes within one slice / host; -1 takes all remaining devices.

@@ -6,6 +6,7 @@ import os
 
 import ml_collections
 
+from lm import models
 from lm.models import attention, transformer
 
 # Every config starts from this file; it documents each field. It lives in the checkout, next to lm/.
@@ -13,11 +14,19 @@ DEFAULT_CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspa
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 DATA_PARALLEL_AXES = ("data", "fsdp")  # the mesh axes that split the batch
-FAMILIES = ("llama", "gpt2")
+FAMILIES = models.FAMILIES
 DATA_SOURCES = ("builtin", "synthetic", "text:<dir or glob>", "tfds:<name>[:<version>]")
 TOKENIZER_TYPES = ("bpe", "unigram")
 ROPE_SCALINGS = ("none", "linear", "llama3")
-OBJECTIVES = ("causal_lm", "sft", "classification")
+OBJECTIVES = ("causal_lm", "sft", "classification", "mlm", "span_corruption")
+# The model families each objective trains.
+OBJECTIVE_FAMILIES = {
+    "causal_lm": models.DECODER_FAMILIES,
+    "sft": models.DECODER_FAMILIES,
+    "classification": models.DECODER_FAMILIES + models.ENCODER_FAMILIES,
+    "mlm": models.ENCODER_FAMILIES,
+    "span_corruption": models.ENCODER_DECODER_FAMILIES,
+}
 CHAT_TEMPLATES = ("auto", "llama3", "plain")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 NO_WEIGHT_DECAY_KINDS = ("norm", "bias", "embedding")
@@ -122,18 +131,29 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   _require(model.vocab_size >= 0, "model.vocab_size", f"must be >= 0 (0: from the tokenizer), got {model.vocab_size}")
   for field in ("num_layers", "embed_dim", "num_heads", "num_kv_heads", "mlp_dim", "max_seq_len"):
     _require(model[field] >= 1, f"model.{field}", f"must be >= 1, got {model[field]}")
+  _require(model.get("head_dim", 0) >= 0, "model.head_dim", f"must be >= 0 (0: embed_dim // num_heads), got {model.get('head_dim')}")
   _require(
-      model.embed_dim % model.num_heads == 0,
+      model.get("head_dim", 0) > 0 or model.embed_dim % model.num_heads == 0,
       "model.num_heads",
-      f"{model.num_heads} heads do not divide model.embed_dim={model.embed_dim}; pick a divisor",
+      f"{model.num_heads} heads do not divide model.embed_dim={model.embed_dim}; pick a divisor (or set model.head_dim)",
   )
+  if model.family == "t5":
+    _require(model.num_decoder_layers >= 0, "model.num_decoder_layers", f"must be >= 0 (0: num_layers), got {model.num_decoder_layers}")
+    _require(model.relative_buckets >= 4, "model.relative_buckets", f"must be >= 4, got {model.relative_buckets}")
+    _require(
+        model.relative_max_distance > model.relative_buckets // 4,
+        "model.relative_max_distance",
+        f"must be > relative_buckets / 4 = {model.relative_buckets // 4} (where exact buckets end), got {model.relative_max_distance}",
+    )
+  if model.family == "bert":
+    _require(model.type_vocab_size >= 1, "model.type_vocab_size", f"must be >= 1, got {model.type_vocab_size}")
   _require(
       model.num_heads % model.num_kv_heads == 0,
       "model.num_kv_heads",
       f"{model.num_kv_heads} key/value heads do not divide model.num_heads={model.num_heads}; pick a divisor",
   )
   if model.family == "llama":
-    head_dim = model.embed_dim // model.num_heads
+    head_dim = model.get("head_dim", 0) or model.embed_dim // model.num_heads
     _require(head_dim % 2 == 0, "model.num_heads", f"rotary embeddings need an even head_dim, got {head_dim}")
   rope_scaling = model.get("rope_scaling", "none")  # configs saved before it existed lack it
   _one_of(rope_scaling, ROPE_SCALINGS, "model.rope_scaling")
@@ -164,6 +184,23 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   objective = config.objective
   _one_of(objective.name, OBJECTIVES, "objective.name")
   _one_of(objective.chat_template, CHAT_TEMPLATES, "objective.chat_template")
+  families = OBJECTIVE_FAMILIES[objective.name]
+  _require(
+      model.family in families,
+      "model.family",
+      f"objective {objective.name} trains {' or '.join(families)} models, not {model.family}",
+  )
+  if objective.name == "mlm":
+    _require(0.0 < objective.mask_rate < 1.0, "objective.mask_rate", f"must be in (0, 1), got {objective.mask_rate}")
+  if objective.name == "span_corruption":
+    _require(0.0 < objective.noise_density < 1.0, "objective.noise_density", f"must be in (0, 1), got {objective.noise_density}")
+    _finite_at_least(objective.mean_span_length, 1.0, "objective.mean_span_length")
+  if objective.name in ("mlm", "span_corruption"):
+    _require(
+        data.source != "synthetic",
+        "data.source",
+        f"objective {objective.name} needs a tokenizer's special pieces (mask, sentinels), which synthetic data has none of",
+    )
   if objective.name == "classification":
     names = [name.strip() for name in objective.class_names.split(",") if name.strip()] if objective.class_names else []
     _require(
@@ -176,7 +213,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         "objective.num_classes",
         "classification needs at least 2 classes (set objective.num_classes, or objective.class_names)",
     )
-  if objective.name != "causal_lm":
+  if objective.name in ("sft", "classification"):
     builtin_ok = objective.name == "sft"  # the built-in records are prompt/response pairs
     _require(
         data.source.startswith("text:") or (builtin_ok and data.source == "builtin"),
@@ -196,7 +233,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       f"unknown source {data.source!r}; choose one of {', '.join(DATA_SOURCES)}",
   )
   _one_of(data.tokenizer_type, TOKENIZER_TYPES, "data.tokenizer_type")
-  _require(data.tokenizer_vocab_size >= 260, "data.tokenizer_vocab_size", "must be >= 260 (256 bytes and 4 special pieces)")
+  reserved = {"mlm": 1, "span_corruption": 100}.get(objective.name, 0)  # the mask, or the sentinels
+  _require(
+      data.tokenizer_vocab_size >= 260 + reserved,
+      "data.tokenizer_vocab_size",
+      f"must be >= {260 + reserved} (256 bytes and 4 special pieces{f', and {reserved} reserved by {objective.name}' if reserved else ''})",
+  )
   _require(0.0 <= data.validation_fraction < 1.0, "data.validation_fraction", f"must be in [0, 1), got {data.validation_fraction}")
   _require(data.max_document_chars >= 1, "data.max_document_chars", f"must be >= 1, got {data.max_document_chars}")
   _require(data.seq_len >= 1, "data.seq_len", f"must be >= 1, got {data.seq_len}")
@@ -222,6 +264,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       "data.seq_len",
       f"{data.seq_len} tokens cannot be split over mesh.sequence={ici['sequence']} devices",
   )
+  if objective.name == "span_corruption":
+    from lm.objectives import span_corruption  # which imports this module
+
+    _, decoder_length = span_corruption.lengths(data.seq_len, objective.noise_density, objective.mean_span_length)
+    _require(
+        decoder_length % ici["sequence"] == 0,
+        "data.seq_len",
+        f"span corruption of {data.seq_len} encoder tokens gives the decoder {decoder_length}, which cannot be split "
+        f"over mesh.sequence={ici['sequence']} devices; pick another data.seq_len",
+    )
   _require(data.batch_size >= 1, "data.batch_size", f"must be >= 1, got {data.batch_size}")
   data_parallel = math.prod(ici[axis] * dcn[axis] for axis in DATA_PARALLEL_AXES)
   _require(

@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -16,13 +17,13 @@ from jax.sharding import Mesh
 
 from lm import evaluate as evaluate_lib
 from lm import objectives
-from lm.objectives import sft
+from lm.objectives import sft, span_corruption
 from lm import generate as generate_lib
 from lm import sharding
 from lm import workdir as workdir_lib
 from lm.config import UserError, absolute_path
 from lm.data import pipeline, tfds_builder, tokenizer as tokenizer_lib
-from lm.models import Transformer
+from lm import models
 from lm import checkpoints as checkpoints_lib
 
 
@@ -45,7 +46,7 @@ class LoadedModel:
   config: ml_collections.ConfigDict
   tokenizer: tokenizer_lib.Tokenizer | None  # None for a run on synthetic data
   objective: objectives.Objective
-  model: Transformer
+  model: nn.Module  # lm.models.get(config.model)
   mesh: Mesh
   axis_rules: sharding.Rules
   params: dict = dataclasses.field(repr=False)
@@ -86,7 +87,7 @@ class LoadedModel:
     config.data.batch_size = -(-config.data.batch_size // self.data_parallel) * self.data_parallel
     # The data the run was trained on, where it still is; rebuilt (from the same source) only if it is gone.
     dataset = workdir_lib.recorded_dataset(self.workdir) or tfds_builder.prepare(config.data, self.objective)[1]
-    batches = pipeline.eval_batches(config, self.mesh, self.axis_rules, dataset, self.tokenizer.eos_id, max_batches, split)
+    batches = pipeline.eval_batches(config, self.mesh, self.axis_rules, dataset, self.tokenizer, max_batches, split)
     return evaluate_lib.evaluate(self.eval_step, self.params, batches, self._byte_lengths, self.objective)
 
   def loss(self, texts: list[str]) -> dict[str, float]:
@@ -120,9 +121,19 @@ class LoadedModel:
     """The continuation of each prompt (each read as the start of a document), up to the end of the document.
 
     A run fine-tuned by SFT answers instead: each prompt is a user message in its chat template, and
-    the reply ends with the template's end of turn.
+    the reply ends with the template's end of turn. An encoder-decoder (T5) reads each prompt (then EOS)
+    with its encoder and returns what its decoder writes, up to EOS: for span corruption, the spans
+    that fill the prompt's <extra_id_k> pieces, each after its sentinel.
     """
     tokenizer = self._require_tokenizer()
+    if isinstance(self.objective, objectives.SpanCorruption):
+      inputs = [_encode(tokenizer, prompt, "prompt", number) + [tokenizer.eos_id] for number, prompt in enumerate(prompts, 1)]
+      new_ids = generate_lib.generate_encoder_decoder_ids(
+          self.model, self.params, self.mesh, self.axis_rules, inputs, max_new_tokens=max_new_tokens,
+          eos_id=tokenizer.eos_id, start_id=span_corruption.decoder_start_id(tokenizer), vocab_size=tokenizer.vocab_size,
+          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+      )  # fmt: skip
+      return [tokenizer.decode(ids) for ids in new_ids]
     if not isinstance(self.objective, objectives.CausalLM):
       raise UserError(f"{self.workdir} was trained for {self.objective.name}, not to write text: use evaluate()")
     if isinstance(self.objective, objectives.SFT):
@@ -164,7 +175,7 @@ def load(workdir: str, step: int | None = None) -> LoadedModel:
   tokenizer_path = workdir_lib.tokenizer_path(workdir)
   tokenizer = tokenizer_lib.load(tokenizer_path) if tokenizer_path else None
   objective = objectives.get(config)
-  model = Transformer(ml_collections.FrozenConfigDict(config.model), num_classes=objective.num_classes)
+  model = models.get(config.model, num_classes=objective.num_classes)
   mesh = inference_mesh(config)
   axis_rules = sharding.rules(config.mesh)
   abstract = sharding.abstract_params(model, mesh, axis_rules)

@@ -25,17 +25,29 @@ PEAK_FLOPS_BY_DEVICE_KIND = (
 
 
 def matmul_params(model: ml_collections.ConfigDict) -> int:
-  """Parameters of every weight matrix applied to activations (LM head included, embedding lookups excluded)."""
-  head_dim = model.embed_dim // model.num_heads
+  """Parameters of every weight matrix applied to activations (LM head included, embedding lookups excluded).
+
+  A T5 counts its decoder's blocks (with cross-attention) too, as if they ran on every encoder token:
+  an upper bound, since its decoder reads a fraction of that.
+  """
+  head_dim = model.get("head_dim", 0) or model.embed_dim // model.num_heads
   attention = model.embed_dim * head_dim * (2 * model.num_heads + 2 * model.num_kv_heads)  # q, o, k, v
-  mlp = (3 if model.family == "llama" else 2) * model.embed_dim * model.mlp_dim
-  return model.num_layers * (attention + mlp) + model.embed_dim * model.vocab_size
+  mlp = (3 if model.family in ("llama", "t5") else 2) * model.embed_dim * model.mlp_dim
+  blocks = model.num_layers * (attention + mlp)
+  if model.family == "t5":
+    blocks += (model.num_decoder_layers or model.num_layers) * (2 * attention + mlp)
+  if model.family == "bert":
+    blocks += model.embed_dim * model.embed_dim  # the MLM head's transform
+  return blocks + model.embed_dim * model.vocab_size
 
 
-def flops_per_token(model: ml_collections.ConfigDict, seq_len: int, causal: bool = True) -> float:
-  """Training FLOPs per token: 6 * matmul params + attention scores (halved when causal masking skips them)."""
-  attention_dim = model.num_heads * (model.embed_dim // model.num_heads)
-  attention = 12 * model.num_layers * seq_len * attention_dim
+def flops_per_token(model: ml_collections.ConfigDict, seq_len: int, causal: bool | None = None) -> float:
+  """Training FLOPs per token: 6 * matmul params + attention scores (halved when causal masking skips them;
+  `causal` None: as the model family attends)."""
+  if causal is None:
+    causal = model.family in ("llama", "gpt2")
+  head_dim = model.get("head_dim", 0) or model.embed_dim // model.num_heads
+  attention = 12 * model.num_layers * seq_len * model.num_heads * head_dim
   return 6 * matmul_params(model) + (attention / 2 if causal else attention)
 
 

@@ -6,9 +6,9 @@
 
 import jax
 
-from lm import cli
+from lm import cli, objectives
 from lm import config as config_lib
-from lm.data import tfds_builder
+from lm.data import examples, tfds_builder
 
 
 def prepare(config) -> None:
@@ -18,10 +18,11 @@ def prepare(config) -> None:
   if config.data.source == "synthetic":
     print("data.source=synthetic needs no preparation")
     return
-  tokenizer, builder = tfds_builder.prepare(config.data)
+  objective = objectives.get(config)  # which decides the shards (text or examples) and the tokenizer's reserved pieces
+  tokenizer, builder = tfds_builder.prepare(config.data, objective)
   print(f"Tokenizer: {tokenizer.path} ({tokenizer.vocab_size} pieces)")
   print(f"Shards: {builder.data_dir}")
-  print(tfds_builder.summary(builder))
+  print(examples.summary(builder) if objective.reads_examples else tfds_builder.summary(builder))
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ def global_batch_from_local(sharding: NamedSharding, local_rows: dict[str, np.nd
 def init_params_boxed(model: nn.Module, rng: jax.Array):
   """A model's initial parameters, still wrapped in their logical-axis metadata."""
   tokens_BT = jnp.zeros((1, 1), jnp.int32)
-  return model.init(rng, tokens_BT, tokens_BT, tokens_BT)["params"]
+  return model.init(rng, *[tokens_BT] * model.num_inputs)["params"]
 
 
 def abstract_tree(init_boxed: Callable, mesh: Mesh, axis_rules: Rules):

@@ -176,6 +176,7 @@ LONGEST_TESTS = (
     "test_two_processes_equal_one_and_checkpoints_cross_between_them",
     "test_quickstart_cli_trains_on_the_builtin_corpus_and_writes_the_workdir",
     "test_a_checkpoint_restores_onto_another_mesh",
+    "test_kill_9_and_rerun_equals_the_uninterrupted_run",
 )
 
 

@@ -5,14 +5,13 @@ import re
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 import lm
 from lm import generate, sharding
 from lm.config import UserError
-from lm.models import Transformer
+from lm import models
 
 PROMPTS = [[5, 17, 3], [9, 2, 44, 61, 7, 100, 8], [1, 30, 30, 30, 12]]
 
@@ -21,10 +20,10 @@ def _model_and_params(config, mesh_sizes):
   config.mesh.update(mesh_sizes)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules(config.mesh)
-  model = Transformer(ml_collections.FrozenConfigDict(config.model))
+  model = models.get(config.model)
   abstract = sharding.abstract_params(model, mesh, rules)
   tokens = jnp.zeros((1, 1), jnp.int32)
-  init = jax.jit(lambda rng: nn.unbox(model.init(rng, tokens, tokens, tokens)["params"]), out_shardings=sharding.shardings_of(abstract))
+  init = jax.jit(lambda rng: nn.unbox(model.init(rng, *[tokens] * model.num_inputs)["params"]), out_shardings=sharding.shardings_of(abstract))
   return model, init(jax.random.key(1)), mesh, rules
 
 
@@ -103,6 +102,56 @@ def test_a_top_k_past_the_vocabulary_keeps_every_token(tiny_config):
   unlimited = generate.generate_ids(model, params, mesh, rules, PROMPTS, max_new_tokens=5, eos_id=-1, top_k=0, seed=4)
   too_many = generate.generate_ids(model, params, mesh, rules, PROMPTS, max_new_tokens=5, eos_id=-1, top_k=10**6, seed=4)
   assert too_many == unlimited
+
+
+def _t5(tiny_config, overrides: dict | None = None):
+  """The tiny T5 with an untied output layer and weights large enough that greedy decoding does not just echo."""
+  return tiny_config("t5", {"model.tie_embeddings": False, "model.init_std": 0.2, **(overrides or {})})
+
+
+@pytest.mark.parametrize(
+    "model_overrides, mesh_sizes",
+    [
+        ({}, {"data": 2, "fsdp": 2, "tensor": 2}),
+        ({"model.scan_layers": False, "model.attention": "dot_product", "model.num_decoder_layers": 3}, {"data": 8}),
+    ],
+)
+def test_encoder_decoder_greedy_generation_equals_argmax_of_the_full_forward_pass(tiny_config, model_overrides, mesh_sizes):
+  """Inputs of different lengths in one right-padded batch (with filler rows), the decoder fed one token at a
+  time: each new token is the argmax of the full forward pass over that input alone and the tokens before it."""
+  model, params, mesh, rules = _model_and_params(_t5(tiny_config, model_overrides), mesh_sizes)
+  new_tokens = generate.generate_encoder_decoder_ids(
+      model, params, mesh, rules, PROMPTS, max_new_tokens=8, eos_id=-1, start_id=0, temperature=0.0
+  )
+  assert len({token for tokens in new_tokens for token in tokens}) > 4  # more than an echo of the start token
+
+  @jax.jit
+  def forward(params, source, target):
+    arange = lambda x: jnp.arange(x.shape[1])[None]
+    encoder_inputs = (source, jnp.ones_like(source), arange(source))
+    return model.apply({"params": params}, *encoder_inputs, target, jnp.ones_like(target), arange(target))
+
+  for prompt, generated in zip(PROMPTS, new_tokens):
+    assert len(generated) == 8
+    with sharding.activate(mesh, rules):
+      logits = forward(params, jnp.array([prompt]), jnp.array([[0] + generated]))
+    np.testing.assert_array_equal(np.asarray(jnp.argmax(logits[0], axis=-1))[:-1], generated)
+
+
+def test_encoder_decoder_generation_stops_after_eos_and_checks_its_arguments(tiny_config):
+  model, params, mesh, rules = _model_and_params(_t5(tiny_config), {"data": 8})
+  arguments = {"max_new_tokens": 6, "start_id": 0, "temperature": 0.0}
+  greedy = generate.generate_encoder_decoder_ids(model, params, mesh, rules, PROMPTS[:1], eos_id=-1, **arguments)[0]
+  stopped = generate.generate_encoder_decoder_ids(model, params, mesh, rules, PROMPTS[:1], eos_id=greedy[2], **arguments)[0]
+  assert stopped == greedy[: greedy.index(greedy[2]) + 1]
+  with pytest.raises(UserError, match=re.escape("every input needs at least one token")):
+    generate.generate_encoder_decoder_ids(model, params, mesh, rules, [[4], []], eos_id=-1, **arguments)
+  with pytest.raises(UserError, match=re.escape("top_p must be in (0, 1]")):
+    generate.generate_encoder_decoder_ids(model, params, mesh, rules, PROMPTS, eos_id=-1, **arguments, top_p=0.0)
+  sampled = generate.generate_encoder_decoder_ids(
+      model, params, mesh, rules, PROMPTS, max_new_tokens=20, eos_id=-1, start_id=0, vocab_size=50, temperature=2.0, seed=3
+  )
+  assert max(max(tokens) for tokens in sampled) < 50
 
 
 def test_a_prompt_that_is_not_utf8_is_a_one_line_error(trained_run):

@@ -8,6 +8,8 @@ A batch is a dict of [B, T] arrays (B rows, T data.seq_len), the rows split over
   positions    int32    position of each token in its document or example (restarting at each)
   segment_ids  int32    which packed document or example of the row a token belongs to, from 1; 0 is
                         padding. Absent when each row is one document (synthetic data).
+Encoder-decoders (span corruption) add what the encoder reads, [B, S] each (S data.seq_len; then T
+is the decoder's length): encoder_inputs, encoder_segment_ids and encoder_positions.
 Each process builds only its own rows, as numpy arrays; the pipeline assembles global jax.Arrays.
 
 Shape letters: B rows, T length.
@@ -21,7 +23,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from lm import sharding
-from lm.objectives import Example
+from lm.objectives.base import Example
 
 Rows = dict[str, np.ndarray]  # this process's rows of a batch, by key: [B, T] each
 
@@ -30,12 +32,16 @@ INT_KEYS = ("inputs", "targets", "positions", "segment_ids")
 
 def abstract(config: ml_collections.ConfigDict, mesh: Mesh, axis_rules: sharding.Rules) -> dict[str, jax.ShapeDtypeStruct]:
   """The shapes, dtypes and shardings of a global batch of `config`'s data, without reading any."""
+  from lm import objectives  # which imports this module's Example
+
   batch_sharding = sharding.logical_sharding(mesh, axis_rules, sharding.BATCH_AXES)
-  shape = (config.data.batch_size, config.data.seq_len)
-  names = [name for name in INT_KEYS if name != "segment_ids" or config.data.source != "synthetic"]
-  batch = {name: jax.ShapeDtypeStruct(shape, np.int32, sharding=batch_sharding) for name in names}
-  batch["weights"] = jax.ShapeDtypeStruct(shape, np.float32, sharding=batch_sharding)
-  return batch
+  lengths = objectives.get(config).batch_lengths(config.data.seq_len)
+  if config.data.source == "synthetic":  # one document per row
+    del lengths["segment_ids"]
+  return {
+      name: jax.ShapeDtypeStruct((config.data.batch_size, length), np.float32 if name == "weights" else np.int32, sharding=batch_sharding)
+      for name, length in lengths.items()
+  }
 
 
 def from_stream(tokens_BT1: np.ndarray, eos_id: int) -> Rows:

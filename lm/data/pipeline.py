@@ -9,7 +9,7 @@ Shape letters: B rows (this process's, or global), T data.seq_len.
 
 import functools
 import sys
-from typing import Iterator
+from typing import Callable, Iterator
 
 import grain
 import jax
@@ -27,38 +27,43 @@ from lm.models import attention
 
 _READ_THREADS = 4  # grain threads building upcoming batches
 _PREFETCH_BATCHES = 8  # at least _READ_THREADS, or threads sit idle
+# Random choices in rows (masks, dropped spans) are drawn from (data.seed, salt, window index): training's
+# windows and evaluation's are numbered apart, so they draw apart.
+_TRAIN_SALT, _EVAL_SALT = 0, 1
 
-def num_windows(builder: tfds.core.DatasetBuilder, split: str, seq_len: int) -> int:
-  """How many windows of seq_len + 1 tokens, T apart, the split's token stream holds."""
-  return max((builder.info.metadata[f"{split}_tokens"] - 1) // seq_len, 0)
+def num_windows(builder: tfds.core.DatasetBuilder, split: str, stride: int) -> int:
+  """How many windows of stride + 1 tokens, `stride` apart, the split's token stream holds (stride: data.seq_len,
+  or the objective's stream_stride)."""
+  return max((builder.info.metadata[f"{split}_tokens"] - 1) // stride, 0)
 
 
-def _read_window(chunks, seq_len: int, window: int) -> np.ndarray:
-  """Stream tokens [window * T, window * T + T + 1) from the chunked records: [T + 1]."""
-  start = window * seq_len
-  first, last = start // tfds_builder.CHUNK_TOKENS, (start + seq_len) // tfds_builder.CHUNK_TOKENS
+def _read_window(chunks, stride: int, window: int) -> np.ndarray:
+  """Stream tokens [window * L, window * L + L + 1) from the chunked records (L = stride): [L + 1]."""
+  start = window * stride
+  first, last = start // tfds_builder.CHUNK_TOKENS, (start + stride) // tfds_builder.CHUNK_TOKENS
   tokens = np.concatenate([chunks[index]["tokens"] for index in range(first, last + 1)])
   offset = start - first * tfds_builder.CHUNK_TOKENS
-  return tokens[offset : offset + seq_len + 1]
+  return tokens[offset : offset + stride + 1]
 
 
-def _windows(builder: tfds.core.DatasetBuilder, split: str, seq_len: int, shuffle_seed: int | None) -> grain.MapDataset:
-  """Window index -> [T + 1] tokens; with a seed, an endless sequence reshuffled each epoch."""
-  count = num_windows(builder, split, seq_len)
+def _windows(builder: tfds.core.DatasetBuilder, split: str, stride: int, shuffle_seed: int | None) -> grain.MapDataset:
+  """Window index -> [stride + 1] tokens; with a seed, an endless sequence reshuffled each epoch."""
+  count = num_windows(builder, split, stride)
   if count == 0:
     tokens = builder.info.metadata[f"{split}_tokens"]
-    raise ConfigError(f"data.seq_len: the {split} split ({tokens:,} tokens) holds less than one row of {seq_len} + 1 tokens")
+    raise ConfigError(f"data.seq_len: the {split} split ({tokens:,} tokens) holds less than one row of {stride} + 1 tokens")
   windows = grain.MapDataset.range(count)
   if shuffle_seed is not None:
     windows = windows.shuffle(seed=shuffle_seed).repeat()
-  return windows.map(functools.partial(_read_window, builder.as_data_source(split), seq_len))
+  return windows.map(functools.partial(_read_window, builder.as_data_source(split), stride))
 
 
 def _rows_of_step(
-    windows: grain.MapDataset, global_batch: int, rows: np.ndarray, eos_id: int, max_documents: int | None, step: int
+    windows: grain.MapDataset, global_batch: int, rows: np.ndarray, to_rows: Callable, max_documents: int | None, step: int
 ) -> batch_lib.Rows:
-  tokens_BT1 = np.stack([windows[step * global_batch + row] for row in rows])
-  packed = batch_lib.from_stream(tokens_BT1, eos_id)
+  """This process's rows of a step: its windows of the stream made into rows by `to_rows(tokens_BL, window_indices_B)`."""
+  window_indices_B = step * global_batch + rows
+  packed = to_rows(np.stack([windows[window] for window in window_indices_B]), window_indices_B)
   most_documents = int(packed["segment_ids"][:, -1].max())  # segment ids count a row's documents from 1
   if max_documents and most_documents > max_documents:
     logging.log_first_n(
@@ -72,6 +77,18 @@ def _rows_of_step(
 
 def _example_rows_of_step(packed: examples.PackedRows, global_batch: int, rows: np.ndarray, seq_len: int, step: int) -> batch_lib.Rows:
   return batch_lib.from_examples([packed.row(step * global_batch + row) for row in rows], seq_len)
+
+
+def _stream_rows(config: ml_collections.ConfigDict, tokenizer, split_salt: int) -> Callable:
+  """The objective's rows_from_stream for this data, with the seed its random choices are drawn from."""
+  objective = objectives.get(config)
+  seed = (config.data.seed, split_salt)
+  return lambda tokens_BL, window_indices_B: objective.rows_from_stream(tokens_BL, window_indices_B, tokenizer, seed)
+
+
+def stream_stride(config: ml_collections.ConfigDict) -> int:
+  """Windows of the token stream start this many tokens apart (and hold one more)."""
+  return objectives.get(config).stream_stride(config.data.seq_len)
 
 
 def _cudnn_document_cap(config: ml_collections.ConfigDict, mesh: Mesh) -> int | None:
@@ -92,10 +109,10 @@ def train_batches(
     mesh: Mesh,
     axis_rules: sharding.Rules,
     builder: tfds.core.DatasetBuilder | None,
-    eos_id: int | None,
+    tokenizer,
     start_step: int = 0,
 ) -> Iterator[dict[str, jax.Array]]:
-  """The global batches of steps start_step, start_step + 1, ...; `builder` is None for synthetic data."""
+  """The global batches of steps start_step, start_step + 1, ...; `builder` and `tokenizer` are None for synthetic data."""
   data = config.data
   batch_sharding = sharding.logical_sharding(mesh, axis_rules, sharding.BATCH_AXES)
   rows = sharding.process_rows(batch_sharding, (data.batch_size, data.seq_len))
@@ -108,8 +125,9 @@ def train_batches(
     packed = examples.PackedRows(builder, "train", data.seq_len, data.seed, config.model.cudnn_max_documents)
     step_rows = functools.partial(_example_rows_of_step, packed, data.batch_size, rows, data.seq_len)
   else:
-    windows = _windows(builder, "train", data.seq_len, shuffle_seed=data.seed)
-    step_rows = functools.partial(_rows_of_step, windows, data.batch_size, rows, eos_id, _cudnn_document_cap(config, mesh))
+    windows = _windows(builder, "train", stream_stride(config), shuffle_seed=data.seed)
+    to_rows = _stream_rows(config, tokenizer, _TRAIN_SALT)
+    step_rows = functools.partial(_rows_of_step, windows, data.batch_size, rows, to_rows, _cudnn_document_cap(config, mesh))
   steps = grain.MapDataset.range(start_step, sys.maxsize).map(step_rows)
   return _global_batches(steps, batch_sharding, data.batch_size)
 
@@ -119,7 +137,7 @@ def eval_batches(
     mesh: Mesh,
     axis_rules: sharding.Rules,
     builder: tfds.core.DatasetBuilder,
-    eos_id: int,
+    tokenizer,
     max_batches: int = 0,
     split: str = "validation",
 ) -> Iterator[dict[str, jax.Array]]:
@@ -135,9 +153,10 @@ def eval_batches(
     count = -(-len(packed) // data.batch_size)
     step_rows = functools.partial(_example_rows_of_step, packed, data.batch_size, rows, data.seq_len)
   else:
-    windows = _windows(builder, split, data.seq_len, shuffle_seed=None)
+    windows = _windows(builder, split, stream_stride(config), shuffle_seed=None)
     count = len(windows) // data.batch_size
-    step_rows = functools.partial(_rows_of_step, windows, data.batch_size, rows, eos_id, _cudnn_document_cap(config, mesh))
+    to_rows = _stream_rows(config, tokenizer, _EVAL_SALT)
+    step_rows = functools.partial(_rows_of_step, windows, data.batch_size, rows, to_rows, _cudnn_document_cap(config, mesh))
   if max_batches > 0:
     count = min(count, max_batches)
   steps = grain.MapDataset.range(count).map(step_rows)

@@ -214,7 +214,9 @@ def prepare(data: ml_collections.ConfigDict, objective=None):
       return build_unlocked()
 
   def build_unlocked() -> tuple[tokenizer_lib.Tokenizer, TokenizedText]:
-    tokenizer = load_or_train_tokenizer(data, source, data_dir)
+    tokenizer = load_or_train_tokenizer(data, source, data_dir, objective.reserved_pieces() if objective else [])
+    if objective is not None:
+      objective.check_tokenizer(tokenizer, data.seq_len)
     if reads_examples:
       builder = examples.TokenizedExamples(
           source=sources.from_config(data, records=True),
@@ -250,8 +252,11 @@ def prepare(data: ml_collections.ConfigDict, objective=None):
   return result
 
 
-def load_or_train_tokenizer(data: ml_collections.ConfigDict, source: sources.Source, data_dir: str) -> tokenizer_lib.Tokenizer:
-  """data.tokenizer if given, else the tokenizer trained on this source (trained now if missing)."""
+def load_or_train_tokenizer(
+    data: ml_collections.ConfigDict, source: sources.Source, data_dir: str, reserved_pieces: list[str] = ()
+) -> tokenizer_lib.Tokenizer:
+  """data.tokenizer if given, else the tokenizer trained on this source (trained now if missing), holding
+  `reserved_pieces` (an objective's mask or sentinels) besides what it learns."""
   if data.tokenizer:
     try:
       tokenizer = tokenizer_lib.load(os.path.expanduser(data.tokenizer))
@@ -260,13 +265,16 @@ def load_or_train_tokenizer(data: ml_collections.ConfigDict, source: sources.Sou
     tokenizer.check_lossless("data.tokenizer")
     return tokenizer
   sampling = hashlib.sha256(repr((data.tokenizer_sample_bytes, data.max_document_chars)).encode()).hexdigest()[:8]
-  name = f"{source.slug}-{source.fingerprint}-{data.tokenizer_type}{data.tokenizer_vocab_size}-{sampling}.model"
+  reserved = "-" + hashlib.sha256("\n".join(reserved_pieces).encode()).hexdigest()[:8] if reserved_pieces else ""
+  name = f"{source.slug}-{source.fingerprint}-{data.tokenizer_type}{data.tokenizer_vocab_size}-{sampling}{reserved}.model"
   path = os.path.join(data_dir, "tokenizers", name)
   if os.path.isfile(path):
     return tokenizer_lib.Tokenizer(path)
   distributed.log(f"Training a {data.tokenizer_vocab_size}-token {data.tokenizer_type} tokenizer on {data.source}")
   documents = clean_documents(source, data.max_document_chars)
-  return tokenizer_lib.train(documents, path, data.tokenizer_vocab_size, data.tokenizer_type, data.tokenizer_sample_bytes)
+  return tokenizer_lib.train(
+      documents, path, data.tokenizer_vocab_size, data.tokenizer_type, data.tokenizer_sample_bytes, reserved_pieces
+  )
 
 
 def summary(builder: TokenizedText) -> str:

@@ -294,9 +294,11 @@ class HfTokenizer(Tokenizer):
 
 
 def train(
-    documents: Iterator[str], model_path: str, vocab_size: int, model_type: str, sample_bytes: int
+    documents: Iterator[str], model_path: str, vocab_size: int, model_type: str, sample_bytes: int,
+    reserved_pieces: Iterable[str] = (),
 ) -> SentencePieceTokenizer:
-  """Trains a lossless tokenizer of at most `vocab_size` pieces on the first `sample_bytes` of `documents`.
+  """Trains a lossless tokenizer of at most `vocab_size` pieces on the first `sample_bytes` of `documents`,
+  `reserved_pieces` among them (an objective's mask or sentinels: whole pieces, wherever their text appears).
 
   Saves it to `model_path`.
   """
@@ -329,7 +331,7 @@ def train(
         add_dummy_prefix=False,
         allow_whitespace_only_pieces=True,  # runs of indentation become single tokens
         split_digits=True,
-        user_defined_symbols=["\n"],
+        user_defined_symbols=["\n", *reserved_pieces],
         max_sentence_length=1 << 24,  # a "sentence" here is a whole document
         character_coverage=0.9995,
         unk_id=0,

@@ -3,10 +3,12 @@
     python -m lm.interop export --workdir=runs/quickstart [--step=N] --out=hf/quickstart [--overwrite]
     python -m lm.interop import hf/some_llama --workdir=runs/imported [--tokenizer=tokenizer.model] [--overwrite]
 
-`export` writes what transformers' from_pretrained loads (LlamaForCausalLM or GPT2LMHeadModel,
-safetensors, the tokenizer as a LlamaTokenizer or, a tokenizer.json, as a PreTrainedTokenizerFast).
-`import` writes an lm run: config.json, a checkpoint at step 0 and the tokenizer (the folder's
-tokenizer.model, else its tokenizer.json), which lm.load / lm.evaluate / lm.generate read and
+`export` writes what transformers' from_pretrained loads (LlamaForCausalLM, GPT2LMHeadModel,
+BertForMaskedLM or T5ForConditionalGeneration, safetensors, the tokenizer as a LlamaTokenizer or,
+a tokenizer.json, as a PreTrainedTokenizerFast). `import` writes an lm run: config.json (its
+objective the family's pretraining one: causal LM, masked LM for BERT, span corruption for T5), a
+checkpoint at step 0 and the tokenizer (the folder's tokenizer.model, else its tokenizer.json),
+which lm.load / lm.evaluate / lm.generate read and
 `python -m lm.train --config=configs/from_run.py:WORKDIR` continues.
 
 Neither writes into a folder that holds anything unless --overwrite is given, and neither ever
@@ -20,16 +22,17 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from absl import app, flags
 
-from lm import cli, distributed, inference, sharding
+from lm import cli, distributed, inference, models, sharding
 from lm import workdir as workdir_lib
 from lm.config import DEFAULT_CONFIG_FILE, UserError, absolute_path, load_config_file
 from lm.data import tokenizer as tokenizer_lib
 from lm.interop import hf
-from lm.models import Transformer
 from lm.train import checkpoint, optimizer, state as state_lib
+
+# The objective an imported run trains, by family (the decoders: the default's, causal LM).
+PRETRAINING_OBJECTIVES = {"bert": "mlm", "t5": "span_corruption"}
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The lm run: read by export, written by import.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "export: the checkpoint step; default the latest.")
@@ -109,6 +112,7 @@ def _write_run(hf_dir: str, workdir: str, model_config, params, tokenizer: token
   """The run of an import: tokenizer, a step-0 checkpoint, config.json."""
   config = load_config_file(DEFAULT_CONFIG_FILE)
   config.model = model_config
+  config.objective.name = PRETRAINING_OBJECTIVES.get(model_config.family, config.objective.name)
   if tokenizer:
     config.data.tokenizer = tokenizer.copy_to(workdir)
   else:
@@ -116,7 +120,7 @@ def _write_run(hf_dir: str, workdir: str, model_config, params, tokenizer: token
 
   mesh = inference.inference_mesh(config)  # FSDP: a large model is never copied whole onto each device
   axis_rules = sharding.rules(config.mesh)
-  model = Transformer(ml_collections.FrozenConfigDict(config.model))
+  model = models.get(config.model)
   tx, _ = optimizer.make(config.optimizer, config.train.steps)
   abstract = state_lib.abstract_state(model, tx, mesh, axis_rules)
   params = jax.device_put(params, sharding.shardings_of(abstract).params)

@@ -1,11 +1,15 @@
-"""Hugging Face checkpoints: lm params <-> `LlamaForCausalLM` / `GPT2LMHeadModel` safetensors.
+"""Hugging Face checkpoints: lm params <-> `LlamaForCausalLM` / `GPT2LMHeadModel` / `BertForMaskedLM` /
+`T5ForConditionalGeneration` safetensors.
 
-    model_config, params = hf.load("path/to/hf_dir")   # params as lm.models.Transformer takes them
+    model_config, params = hf.load("path/to/hf_dir")   # params as lm.models.get(model_config) takes them
     hf.save(model_config, params, "path/to/out_dir", tokenizer_path="tokenizer.model")  # or a tokenizer.json
 
 Neither direction needs torch or transformers: weights go through safetensors' numpy API and the
 configs are plain JSON. lm's rotary embedding already uses Hugging Face's half-split layout and
 its head order, so attention weights are reshaped and transposed, never permuted.
+
+Llama's and GPT-2's tables are here; BERT's and T5's in lm/interop/bert.py and t5.py, which the
+functions below hand those families to.
 
 Shape letters: D embed dim, N query heads, K key/value heads, H head dim, F MLP width, V vocab.
 """
@@ -21,7 +25,9 @@ import safetensors.numpy
 
 from lm.config import ConfigError, DEFAULT_CONFIG_FILE, load_config_file
 from lm.data import tokenizer as tokenizer_lib
+from lm.interop import bert, t5, tables
 from lm.models import transformer
+from lm.objectives import span_corruption
 
 MAX_SHARD_BYTES = 5 * 2**30  # larger checkpoints are split into model-0000i-of-0000n.safetensors
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -53,46 +59,26 @@ GPT2_LAYER = (
     ("mlp.c_proj.bias", ("mlp", "down", "bias"), False),
 )
 GPT2_QKV = (("attn", "query"), ("attn", "key"), ("attn", "value"))
-
-
-def _get(tree: dict, path: tuple[str, ...]):
-  for key in path:
-    tree = tree[key]
-  return tree
-
-
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-  for key in path[:-1]:
-    tree = tree.setdefault(key, {})
-  tree[path[-1]] = value
+# The families whose tables live in their own modules.
+FAMILY_TABLES = {"bert": bert, "t5": t5}
 
 
 # ---------------------------------------------------------------------------------------------
 # lm -> Hugging Face
 
 
-def _kernel_to_hf(kernel: np.ndarray, contracted_dims: int, transpose: bool) -> np.ndarray:
-  """[*in, *out] -> [in, out] (GPT-2 Conv1D) or its transpose [out, in] (Linear)."""
-  rows = int(np.prod(kernel.shape[:contracted_dims]))
-  matrix = kernel.reshape(rows, -1)
-  return matrix.T if transpose else matrix
-
-
-def _contracted_dims(path: tuple[str, ...]) -> int:
-  """How many leading dims of the kernel at `path` are its inputs (the out projection takes heads and head_dim)."""
-  return 2 if path[-2] == "out" else 1
-
-
 def to_hf_tensors(model: ml_collections.ConfigDict, params: dict) -> dict[str, np.ndarray]:
   """lm params (scanned or not) -> Hugging Face state dict of numpy arrays."""
   params = jax.tree.map(np.asarray, jax.device_get(params))
+  if model.family in FAMILY_TABLES:
+    return FAMILY_TABLES[model.family].to_hf_tensors(model, params)
 
   def layer(i: int) -> dict:
     return jax.tree.map(lambda x: x[i], params["layers"]) if "layers" in params else params[f"layers_{i}"]
 
   def convert(path, value, transpose):
     if path[-1] == "kernel":
-      return _kernel_to_hf(value, _contracted_dims(path), transpose)
+      return tables.kernel_to_hf(value, tables.contracted_dims(path), transpose)
     return value.reshape(-1)
 
   tensors = {}
@@ -100,7 +86,7 @@ def to_hf_tensors(model: ml_collections.ConfigDict, params: dict) -> dict[str, n
     tensors["model.embed_tokens.weight"] = params["token_embed"]["embedding"]
     for i in range(model.num_layers):
       for name, path, transpose in LLAMA_LAYER:
-        tensors[f"model.layers.{i}.{name}"] = convert(path, _get(layer(i), path), transpose)
+        tensors[f"model.layers.{i}.{name}"] = convert(path, tables.get(layer(i), path), transpose)
     tensors["model.norm.weight"] = params["final_norm"]["scale"]
   else:
     if model.num_kv_heads != model.num_heads:
@@ -110,9 +96,9 @@ def to_hf_tensors(model: ml_collections.ConfigDict, params: dict) -> dict[str, n
     for i in range(model.num_layers):
       prefix = f"transformer.h.{i}."
       for name, path, transpose in GPT2_LAYER:
-        tensors[prefix + name] = convert(path, _get(layer(i), path), transpose)
-      qkv = [_get(layer(i), path) for path in GPT2_QKV]
-      tensors[prefix + "attn.c_attn.weight"] = np.concatenate([_kernel_to_hf(p["kernel"], 1, False) for p in qkv], axis=1)
+        tensors[prefix + name] = convert(path, tables.get(layer(i), path), transpose)
+      qkv = [tables.get(layer(i), path) for path in GPT2_QKV]
+      tensors[prefix + "attn.c_attn.weight"] = np.concatenate([tables.kernel_to_hf(p["kernel"], 1, False) for p in qkv], axis=1)
       tensors[prefix + "attn.c_attn.bias"] = np.concatenate([p["bias"].reshape(-1) for p in qkv])
     tensors["transformer.ln_f.weight"] = params["final_norm"]["scale"]
     tensors["transformer.ln_f.bias"] = params["final_norm"]["bias"]
@@ -135,11 +121,16 @@ def _rope_scaling_to_hf(model: ml_collections.ConfigDict) -> dict | None:
   return None
 
 
-def hf_config(model: ml_collections.ConfigDict, eos_id: int, bos_id: int | None = None) -> dict:
-  """config.json for transformers. lm's documents start after an EOS, so EOS is also the BOS unless `bos_id` is given."""
+def hf_config(model: ml_collections.ConfigDict, eos_id: int, bos_id: int | None = None, decoder_start_id: int | None = None) -> dict:
+  """config.json for transformers. lm's documents start after an EOS, so EOS is also the BOS unless `bos_id` is given;
+  T5's decoder starts from `decoder_start_id` (default the BOS)."""
   bos_id = eos_id if bos_id is None else bos_id
   common = {"vocab_size": model.vocab_size, "tie_word_embeddings": model.tie_embeddings, "bos_token_id": bos_id,
             "eos_token_id": eos_id, "torch_dtype": model.param_dtype}  # fmt: skip
+  if model.family == "t5":
+    return t5.hf_config(model, common, bos_id if decoder_start_id is None else decoder_start_id)
+  if model.family == "bert":
+    return bert.hf_config(model, common)
   if model.family == "llama":
     scaling = _rope_scaling_to_hf(model)
     rope = {"rope_type": "default", **(scaling or {}), "rope_theta": model.rope_theta}
@@ -218,13 +209,18 @@ def save(
     index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
     with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w") as f:
       json.dump(index, f, indent=2)
+  # T5's decoder starts from the token lm's span corruption puts there.
+  decoder_start_id = span_corruption.decoder_start_id(tokenizer) if tokenizer and model.family == "t5" else bos_id
   with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(hf_config(model, eos_id, bos_id), f, indent=2)
+    json.dump(hf_config(model, eos_id, bos_id, decoder_start_id), f, indent=2)
   generation = {"bos_token_id": bos_id, "eos_token_id": eos_id}
+  if model.family == "t5":
+    generation["decoder_start_token_id"] = decoder_start_id
   if tokenizer_vocab_size and tokenizer_vocab_size < model.vocab_size:
     generation["suppress_tokens"] = list(range(tokenizer_vocab_size, model.vocab_size))
-  with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-    json.dump(generation, f, indent=2)
+  if model.family != "bert":  # a masked LM does not generate
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+      json.dump(generation, f, indent=2)
   if tokenizer:
     _write_tokenizer(tokenizer, out_dir, model.max_seq_len)
 
@@ -279,6 +275,8 @@ def model_config_from_hf(hf: dict) -> ml_collections.ConfigDict:
       model.rope_high_freq_factor = float(_rope_field(rope, rope_type, "high_freq_factor"))
       # transformers falls back on max_position_embeddings, as here.
       model.rope_original_max_seq_len = int(rope.get("original_max_position_embeddings") or model.max_seq_len)
+  elif model_type in FAMILY_TABLES:
+    model = FAMILY_TABLES[model_type].model_config_from_hf(hf, model)
   elif model_type == "gpt2":
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
       raise _unsupported(f"activation_function={hf['activation_function']!r}")
@@ -291,7 +289,7 @@ def model_config_from_hf(hf: dict) -> ml_collections.ConfigDict:
         tie_embeddings=hf.get("tie_word_embeddings", True),
     )  # fmt: skip
   else:
-    raise _unsupported(f"model_type {model_type!r} (lm reads llama and gpt2)")
+    raise _unsupported(f"model_type {model_type!r} (lm reads llama, gpt2, bert and t5)")
   model.vocab_multiple = 1  # the checkpoint's vocabulary size is kept as it is
   return model
 
@@ -313,6 +311,8 @@ def _read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
 
 def from_hf_tensors(model: ml_collections.ConfigDict, tensors: dict[str, np.ndarray]) -> dict:
   """Hugging Face state dict -> lm params, scanned if model.scan_layers."""
+  if model.family in FAMILY_TABLES:
+    return FAMILY_TABLES[model.family].from_hf_tensors(model, tensors)
   shapes = transformer.parameter_shapes(model, scan_layers=False)
   params: dict = {}
 
@@ -322,10 +322,10 @@ def from_hf_tensors(model: ml_collections.ConfigDict, tensors: dict[str, np.ndar
     return tensors[name]
 
   def place(value: np.ndarray, path: tuple[str, ...], name: str) -> None:
-    shape = _get(shapes, path)
+    shape = tables.get(shapes, path)
     if value.size != np.prod(shape):
       raise ConfigError(f"weights: {name} has shape {value.shape}, which does not fit {'/'.join(path)} of shape {shape}")
-    _set(params, path, value.reshape(shape).astype(np.float32))
+    tables.put(params, path, value.reshape(shape).astype(np.float32))
 
   def take(name: str, path: tuple[str, ...], transpose: bool = False) -> None:
     place(tensor(name).T if transpose else tensor(name), path, name)

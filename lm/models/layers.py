@@ -4,6 +4,7 @@ Parameters carry logical axis names; activations are constrained to logical axes
 config's rules, not this code, decide how everything is sharded.
 """
 
+import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -16,6 +17,13 @@ ModelConfig = ml_collections.FrozenConfigDict  # the `model` section of the conf
 
 # Logical axes of the residual stream [B, T, D].
 ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
+BIASED_FAMILIES = ("gpt2", "bert")  # whose projections and norms have biases
+RMS_NORM_FAMILIES = ("llama", "t5")  # RMSNorm (no mean, no bias); the others LayerNorm
+
+
+def head_dim(cfg: ModelConfig) -> int:
+  """Width of one attention head: model.head_dim, or (0, the default) embed_dim // num_heads."""
+  return cfg.get("head_dim", 0) or cfg.embed_dim // cfg.num_heads
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str]) -> jax.Array:
@@ -24,7 +32,7 @@ def constrain(x: jax.Array, logical_axes: Sequence[str]) -> jax.Array:
 
 
 class Projection(nn.Module):
-  """x [..., *contracted] @ kernel [*contracted, *features] (+ bias for GPT-2), with named kernel axes.
+  """x [..., *contracted] @ kernel [*contracted, *features] (+ bias for GPT-2 and BERT), with named kernel axes.
 
   Written out rather than nn.DenseGeneral, which creates a flattened 2-D kernel that cannot carry
   one logical name per dimension.
@@ -34,7 +42,7 @@ class Projection(nn.Module):
   features: tuple[int, ...]
   kernel_axes: tuple[str | None, ...]  # one name per kernel dimension: contracted ones, then features
   residual: bool = False  # writes into the residual stream: init std / sqrt(2 * num_layers) (GPT-2's init)
-  bias: bool = True  # GPT-2 adds a bias unless this is False; Llama never does
+  bias: bool = True  # GPT-2 and BERT add a bias unless this is False; Llama and T5 never do
   fp8: bool = True  # in fp8 when cfg.fp8_matmuls (the output layer stays in cfg.dtype)
 
   @nn.compact
@@ -54,7 +62,7 @@ class Projection(nn.Module):
       y = fp8_gradient(jnp.tensordot(fp8_forward(x), fp8_forward(kernel), axes=num_contracted))
     else:
       y = jnp.tensordot(x, kernel, axes=num_contracted)
-    if self.bias and cfg.family == "gpt2":
+    if self.bias and cfg.family in BIASED_FAMILIES:
       bias = self.param(
           "bias",
           nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[num_contracted:]),
@@ -97,7 +105,7 @@ fp8_gradient.defvjp(lambda y: (y, None), lambda _, g: (quantize_dequantize(g, jn
 
 
 def embedding(cfg: ModelConfig, num_embeddings: int, row_axis: str | None, name: str) -> nn.Embed:
-  """A [num_embeddings, embed_dim] lookup table (tokens, or GPT-2's learned positions)."""
+  """A [num_embeddings, embed_dim] lookup table (tokens, or GPT-2's and BERT's learned positions)."""
   return nn.Embed(
       num_embeddings=num_embeddings,
       features=cfg.embed_dim,
@@ -109,7 +117,7 @@ def embedding(cfg: ModelConfig, num_embeddings: int, row_axis: str | None, name:
 
 
 def norm(cfg: ModelConfig, name: str) -> nn.Module:
-  """RMSNorm for Llama, LayerNorm (with bias) for GPT-2; statistics are computed in float32."""
+  """RMSNorm for Llama and T5, LayerNorm (with bias) for GPT-2 and BERT; statistics are computed in float32."""
   common = dict(
       epsilon=cfg.norm_eps,
       dtype=jnp.dtype(cfg.dtype),
@@ -117,13 +125,13 @@ def norm(cfg: ModelConfig, name: str) -> nn.Module:
       scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
       name=name,
   )
-  if cfg.family == "llama":
+  if cfg.family in RMS_NORM_FAMILIES:
     return nn.RMSNorm(**common)
   return nn.LayerNorm(bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), **common)
 
 
 class Mlp(nn.Module):
-  """SwiGLU (Llama) or GELU (GPT-2) feed-forward block."""
+  """Feed-forward block: SwiGLU (Llama), gated GELU (T5 v1.1), GELU (GPT-2: tanh approximation; BERT: exact)."""
 
   cfg: ModelConfig
 
@@ -131,11 +139,12 @@ class Mlp(nn.Module):
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     cfg = self.cfg
     up_BTF = checkpoint_name(Projection(cfg, (cfg.mlp_dim,), ("embed", "mlp"), name="up")(x_BTD), "mlp_up")
-    if cfg.family == "llama":
+    if cfg.family in ("llama", "t5"):
       gate_BTF = checkpoint_name(Projection(cfg, (cfg.mlp_dim,), ("embed", "mlp"), name="gate")(x_BTD), "mlp_gate")
-      hidden_BTF = nn.silu(gate_BTF) * up_BTF
+      activation = nn.silu if cfg.family == "llama" else functools.partial(nn.gelu, approximate=True)
+      hidden_BTF = activation(gate_BTF) * up_BTF
     else:
-      hidden_BTF = nn.gelu(up_BTF, approximate=True)  # GPT-2's tanh approximation
+      hidden_BTF = nn.gelu(up_BTF, approximate=cfg.family == "gpt2")
     hidden_BTF = constrain(hidden_BTF, ("activation_batch", "activation_length", "activation_mlp"))
     out_BTD = Projection(cfg, (cfg.embed_dim,), ("mlp", "embed"), residual=True, name="down")(hidden_BTF)
     return checkpoint_name(out_BTD, "mlp_down")
@@ -144,8 +153,7 @@ class Mlp(nn.Module):
 def rope_frequencies(cfg: ModelConfig) -> jax.Array:
   """[head_dim / 2] float32 inverse frequencies of the rotary embedding, scaled as cfg.rope_scaling says
   (as transformers' modeling_rope_utils does for "linear" and "llama3")."""
-  head_dim = cfg.embed_dim // cfg.num_heads
-  inv_freq_F = 1.0 / cfg.rope_theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  inv_freq_F = 1.0 / cfg.rope_theta ** (jnp.arange(0, head_dim(cfg), 2, dtype=jnp.float32) / head_dim(cfg))
   scaling = cfg.get("rope_scaling", "none")  # configs saved before it existed lack it
   if scaling == "linear":  # positions divided by the factor, which is the same as frequencies
     return inv_freq_F / cfg.rope_scaling_factor

@@ -29,8 +29,8 @@ class Block(nn.Module):
   """
 
   cfg: layers.ModelConfig
-  deterministic: bool
   decode: bool = False
+  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x_BTD: jax.Array, segment_ids_BT: jax.Array, positions_BT: jax.Array) -> tuple[jax.Array, None]:
@@ -45,11 +45,41 @@ class Block(nn.Module):
     return layers.constrain(x_BTD, layers.ACTIVATION_AXES), None
 
 
+def layer_stack(block: type[nn.Module], cfg: layers.ModelConfig, num_layers: int, num_inputs: int, decode: bool, name: str = "layers", **block_fields):
+  """`num_layers` blocks applied in turn, scanned ("layers") or unrolled ("layers_0", ...) and rematerialized
+  as cfg says. Call the result inside a compact method as stack(x_BTD, *inputs) -> x_BTD, where every
+  block gets the same `num_inputs` inputs and returns (x_BTD, None)."""
+  if cfg.remat_policy != "none" and not decode:
+    # Inside a scan, CSE cannot undo the rematerialization, so the barrier it needs is skipped.
+    block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+  if cfg.scan_layers:
+    scanned = nn.scan(
+        block,
+        variable_axes={"params": 0, "cache": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast,) * num_inputs,
+        length=num_layers,
+        unroll=cfg.scan_unroll,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(cfg, decode=decode, name=name, **block_fields)
+    return lambda x_BTD, *inputs: scanned(x_BTD, *inputs)[0]
+
+  unrolled = [block(cfg, decode=decode, name=f"{name}_{i}", **block_fields) for i in range(num_layers)]
+
+  def apply(x_BTD, *inputs):
+    for layer in unrolled:
+      x_BTD, _ = layer(x_BTD, *inputs)
+    return x_BTD
+
+  return apply
+
+
 class Transformer(nn.Module):
   """Llama- or GPT-2-style decoder, chosen by cfg.family. Call with [B, T] int32 arrays."""
 
   cfg: layers.ModelConfig
   num_classes: int = 0  # > 0: a classification head ("classifier", [embed, classes]) for the objective to apply
+  num_inputs = 3  # the [B, T] int32 arrays __call__ takes: tokens, segment ids, positions
 
   @nn.compact
   def __call__(
@@ -75,24 +105,8 @@ class Transformer(nn.Module):
     x_BTD = nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=deterministic)
     x_BTD = layers.constrain(x_BTD, layers.ACTIVATION_AXES)
 
-    block = Block
-    if cfg.remat_policy != "none" and not decode:
-      # Inside a scan, CSE cannot undo the rematerialization, so the barrier it needs is skipped.
-      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
-    if cfg.scan_layers:
-      stack = nn.scan(
-          block,
-          variable_axes={"params": 0, "cache": 0},
-          split_rngs={"params": True, "dropout": True},
-          in_axes=(nn.broadcast, nn.broadcast),
-          length=cfg.num_layers,
-          unroll=cfg.scan_unroll,
-          metadata_params={nn.PARTITION_NAME: "layers"},
-      )
-      x_BTD, _ = stack(cfg, deterministic, decode, name="layers")(x_BTD, segment_ids_BT, positions_BT)
-    else:
-      for i in range(cfg.num_layers):
-        x_BTD, _ = block(cfg, deterministic, decode, name=f"layers_{i}")(x_BTD, segment_ids_BT, positions_BT)
+    stack = layer_stack(Block, cfg, cfg.num_layers, num_inputs=2, decode=decode, deterministic=deterministic)
+    x_BTD = stack(x_BTD, segment_ids_BT, positions_BT)
 
     x_BTD = layers.norm(cfg, "final_norm")(x_BTD)
     if self.num_classes and self.is_initializing():  # created here, applied by lm.objectives.classification
@@ -104,6 +118,11 @@ class Transformer(nn.Module):
     else:
       logits_BTV = layers.Projection(cfg, (cfg.vocab_size,), ("embed", "vocab"), bias=False, fp8=False, name="lm_head")(x_BTD)
     return layers.constrain(logits_BTV, ("activation_batch", "activation_length", "activation_vocab"))
+
+  @nn.nowrap
+  def output_logits(self, params: dict, x_BTD: jax.Array) -> jax.Array:
+    """The output layer on `hidden_only` activations: logits_BTV in float32 (see output_logits below)."""
+    return output_logits(params, self.cfg, x_BTD)
 
 
 def output_logits(params: dict, cfg: layers.ModelConfig, x_BTD: jax.Array) -> jax.Array:
@@ -123,22 +142,35 @@ def output_logits(params: dict, cfg: layers.ModelConfig, x_BTD: jax.Array) -> ja
   return layers.constrain(logits_BTV, ("activation_batch", "activation_length", "activation_vocab"))
 
 
-def stack_layers(params: dict, num_layers: int) -> dict:
+def stack_layers(params: dict, num_layers: int | None = None) -> dict:
   """Converts unscanned params (layers_0 ... layers_{L-1}) to the scanned layout (one "layers" entry).
 
-  Stacks on the host (numpy), so a converted checkpoint never lands whole on one device.
+  Every group of blocks in the tree is converted: the top level's (decoders, BERT), and those
+  under "encoder" and "decoder" (T5), each with as many layers as it holds; `num_layers`, when
+  given, is the top-level group's count, checked. Stacks on the host (numpy), so a converted
+  checkpoint never lands whole on one device.
   """
-  per_layer = [params[f"layers_{i}"] for i in range(num_layers)]
-  stacked = jax.tree.map(lambda *xs: np.stack(xs), *per_layer)
-  rest = {name: value for name, value in params.items() if not name.startswith("layers_")}
-  return {**rest, "layers": stacked}
+  count = sum(1 for name in params if name.startswith("layers_"))
+  if num_layers is not None and count and count != num_layers:
+    raise ValueError(f"expected {num_layers} unscanned layers, found {count}")
+  converted = {}
+  for name, value in params.items():
+    if not name.startswith("layers_"):
+      converted[name] = stack_layers(value) if isinstance(value, dict) else value
+  if count:
+    per_layer = [params[f"layers_{i}"] for i in range(count)]
+    converted["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *per_layer)
+  return converted
 
 
 def parameter_shapes(model_config, scan_layers: bool) -> dict:
-  """The shape of every parameter of the model `model_config` describes, scanned or not (nothing is computed)."""
+  """The shape of every parameter of the model `model_config` describes (any family), scanned or not
+  (nothing is computed)."""
+  from lm import models  # lm.models imports this module
+
   model_config = ml_collections.ConfigDict(model_config)
   model_config.scan_layers = scan_layers
-  model = Transformer(ml_collections.FrozenConfigDict(model_config))
+  model = models.get(model_config)
   tokens_BT = jnp.zeros((1, 1), jnp.int32)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), tokens_BT, tokens_BT, tokens_BT)["params"]
+  abstract = jax.eval_shape(model.init, jax.random.key(0), *[tokens_BT] * model.num_inputs)["params"]
   return jax.tree.map(lambda leaf: tuple(leaf.shape), nn.unbox(abstract))

@@ -32,6 +32,26 @@ class Objective:
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
 
+  def reserved_pieces(self) -> list[str]:
+    """Pieces a tokenizer trained for this objective must hold (a mask, sentinels), beside what it learns."""
+    return []
+
+  def check_tokenizer(self, tokenizer, seq_len: int) -> None:
+    """Raises ConfigError when `tokenizer` lacks a piece this objective needs for rows of `seq_len` tokens."""
+
+  def stream_stride(self, seq_len: int) -> int:
+    """Objectives that read plain text read windows of stride + 1 tokens of the token stream, `stride` apart."""
+    return seq_len
+
+  def batch_lengths(self, seq_len: int) -> dict[str, int]:
+    """The length of each [B, length] array of this objective's batches (see lm.data.batch)."""
+    return {name: seq_len for name in ("inputs", "targets", "positions", "segment_ids", "weights")}
+
+  def rows_from_stream(self, tokens_BL: np.ndarray, window_indices_B: np.ndarray, tokenizer, seed: tuple[int, ...]) -> dict:
+    """Batch rows from windows of the token stream (objectives that read plain text). Anything random in
+    row b is drawn from (seed, window_indices_B[b]) alone, so the rows of step k depend only on (seed, k)."""
+    raise NotImplementedError
+
   def example(self, record: dict, tokenizer, seq_len: int) -> Example | str:
     """The example of one .jsonl record, or the reason it cannot be one (a key of SKIP_REASONS)."""
     raise NotImplementedError

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm.config import UserError
-from lm.models import transformer
+from lm.data import batch as batch_lib
 from lm.objectives import base
 
 
@@ -22,8 +22,9 @@ def _chunk_length(length: int, chunk_len: int) -> int:
   return max(size for size in range(1, chunk_len + 1) if length % size == 0)
 
 
-def token_losses(params, model_config, hidden_BTD: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Per-token cross-entropy of the output layer and its log partition function log(Z), both [B, T] float32.
+def token_scores(model, params, hidden_BTD: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per-token cross-entropy of the model's output layer, its log partition function log(Z), and whether the
+  target is the top-scoring token (accuracy): all [B, T], float32.
 
   The logits are computed model.loss_chunk_len positions at a time and recomputed in the backward
   pass, so the [B, T, V] float32 logits never exist whole: memory holds one [B, C, V] chunk. With one
@@ -32,25 +33,39 @@ def token_losses(params, model_config, hidden_BTD: jax.Array, targets_BT: jax.Ar
   sequence holds a share of every chunk.
   """
   batch, length, embed_dim = hidden_BTD.shape
-  chunk = _chunk_length(length, model_config.loss_chunk_len)
+  chunk = _chunk_length(length, model.cfg.loss_chunk_len)
   num_chunks = length // chunk
 
-  def chunk_losses(carry, chunk_inputs):
+  def chunk_scores(carry, chunk_inputs):
     hidden_BCD, targets_BC = chunk_inputs
-    logits_BCV = transformer.output_logits(params, model_config, hidden_BCD)
+    logits_BCV = model.output_logits(params, hidden_BCD)
     log_z_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
     target_logit_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
-    return carry, (log_z_BC - target_logit_BC, log_z_BC)
+    hit_BC = jax.lax.stop_gradient(target_logit_BC >= jnp.max(logits_BCV, axis=-1)).astype(jnp.float32)
+    return carry, (log_z_BC - target_logit_BC, log_z_BC, hit_BC)
 
   if num_chunks == 1:  # all positions at once: the logits are kept for the backward pass
-    _, (cross_entropy_BT, log_z_BT) = chunk_losses(None, (hidden_BTD, targets_BT))
-    return cross_entropy_BT, log_z_BT
+    _, scores = chunk_scores(None, (hidden_BTD, targets_BT))
+    return scores
   hidden_NBCD = hidden_BTD.reshape(batch, chunk, num_chunks, embed_dim).transpose(2, 0, 1, 3)
   targets_NBC = targets_BT.reshape(batch, chunk, num_chunks).transpose(2, 0, 1)
-  _, (cross_entropy_NBC, log_z_NBC) = jax.lax.scan(jax.checkpoint(chunk_losses), None, (hidden_NBCD, targets_NBC))
-  cross_entropy_BT = cross_entropy_NBC.transpose(1, 2, 0).reshape(batch, length)
-  log_z_BT = log_z_NBC.transpose(1, 2, 0).reshape(batch, length)
+  _, scores_NBC = jax.lax.scan(jax.checkpoint(chunk_scores), None, (hidden_NBCD, targets_NBC))
+  return tuple(score_NBC.transpose(1, 2, 0).reshape(batch, length) for score_NBC in scores_NBC)
+
+
+def token_losses(model, params, hidden_BTD: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-token cross-entropy and log(Z), [B, T] float32 each (see token_scores)."""
+  cross_entropy_BT, log_z_BT, _ = token_scores(model, params, hidden_BTD, targets_BT)
   return cross_entropy_BT, log_z_BT
+
+
+def weighted_loss_sums(model, params, hidden_BTD: jax.Array, batch: base.Batch, z_loss_weight: float):
+  """(loss to minimize, (weighted cross-entropy, weights)) summed over the batch: the cross-entropy of each
+  target token where `weights` is non-zero, plus z_loss_weight * log(Z)^2."""
+  cross_entropy_BT, log_z_BT = token_losses(model, params, hidden_BTD, batch["targets"])
+  weights_BT = batch["weights"]
+  loss = jnp.sum((cross_entropy_BT + z_loss_weight * log_z_BT**2) * weights_BT)
+  return loss, (jnp.sum(cross_entropy_BT * weights_BT), jnp.sum(weights_BT))
 
 
 class CausalLM(base.Objective):
@@ -59,17 +74,18 @@ class CausalLM(base.Objective):
   name = "causal_lm"
   reads_examples = False
 
+  def rows_from_stream(self, tokens_BL, window_indices_B, tokenizer, seed):
+    """Each window's tokens scored on the next one; nothing random."""
+    return batch_lib.from_stream(tokens_BL, tokenizer.eos_id)
+
   def loss_sums(self, params, model, batch, rng, z_loss_weight):
     hidden_BTD = base.hidden_states(params, model, batch, rng)
-    cross_entropy_BT, log_z_BT = token_losses(params, model.cfg, hidden_BTD, batch["targets"])
-    weights_BT = batch["weights"]
-    loss = jnp.sum((cross_entropy_BT + z_loss_weight * log_z_BT**2) * weights_BT)
-    return loss, (jnp.sum(cross_entropy_BT * weights_BT), jnp.sum(weights_BT))
+    return weighted_loss_sums(model, params, hidden_BTD, batch, z_loss_weight)
 
   def eval_sums(self, params, model, batch, byte_lengths_V):
     """Weighted cross-entropy (nats), tokens, and the UTF-8 bytes of text they stand for."""
     hidden_BTD = base.hidden_states(params, model, batch, None)
-    cross_entropy_BT, _ = token_losses(params, model.cfg, hidden_BTD, batch["targets"])
+    cross_entropy_BT, _ = token_losses(model, params, hidden_BTD, batch["targets"])
     weights_BT = batch["weights"]
     return {
         "loss_sum": jnp.sum(cross_entropy_BT * weights_BT),

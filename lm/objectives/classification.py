@@ -1,9 +1,11 @@
 """Sequence classification: a label per text, predicted from the text's last token.
 
 A .jsonl record is {"text": ..., "label": ...}; the label is a class number (0 .. num_classes - 1)
-or one of objective.class_names. The example is EOS, the text's tokens and a closing EOS; a
-decoder sees the whole text only at that last token, so a linear head there ("classifier",
-[embed, classes]) gives the class scores. In the batch, `targets` holds the label at that position
+or one of objective.class_names. The example is EOS, the text's tokens and a closing EOS ([CLS]
+and [SEP] where the tokenizer has them, as BERT's does); a decoder sees the whole text only at that
+last token, so a linear head there ("classifier", [embed, classes]) gives the class scores. An
+encoder (BERT) sees it all everywhere, and reads the class at the first token, as BERT does at [CLS]
+(with no pooler layer: the head reads the encoder's output directly). In the batch, `targets` holds the label at that position
 and `weights` is 1 there only, so packed rows hold many examples.
 
 Evaluation reports loss, accuracy, macro-F1 and the F1 of each class.
@@ -42,15 +44,23 @@ def f1_scores(confusion_KK: np.ndarray) -> dict[int, float]:
   return scores
 
 
+def _piece_or(tokenizer, piece: str, default: int) -> int:
+  """The id of `piece` where the tokenizer has it (BERT's [CLS] and [SEP]), else `default`."""
+  piece_id = tokenizer.token_id(piece)
+  return default if piece_id is None else piece_id
+
+
 class Classification(base.Objective):
   """Cross-entropy of the head's scores at each example's last token."""
 
   name = "classification"
 
-  def __init__(self, config):
+  def __init__(self, config, at_first_token: bool = False):
     super().__init__(config)
     self.names = class_names(config)
     self.num_classes = len(self.names)
+    # An encoder sees the whole text at every token: BERT reads the class at the first ([CLS]).
+    self.at_first_token = at_first_token
 
   def label_of(self, label) -> int | None:
     """The class number of a record's label (a number, or a name of objective.class_names), None if invalid."""
@@ -68,11 +78,13 @@ class Classification(base.Objective):
     label = self.label_of(record["label"])
     if label is None:
       return "bad_label"
-    tokens = [tokenizer.eos_id] + tokenizer.encode(record["text"])
+    start, end = _piece_or(tokenizer, "[CLS]", tokenizer.eos_id), _piece_or(tokenizer, "[SEP]", tokenizer.eos_id)
+    tokens = [start] + tokenizer.encode(record["text"])
     cut = len(tokens) + 1 > seq_len
-    tokens = tokens[: seq_len - 1] + [tokenizer.eos_id]  # the closing EOS is where the class is read
+    tokens = tokens[: seq_len - 1] + [end]
+    read_at = 0 if self.at_first_token else -1  # a decoder reads the class at the closing token, having seen all
     targets, weights = np.zeros(len(tokens), np.int32), np.zeros(len(tokens), np.float32)
-    targets[-1], weights[-1] = label, 1.0
+    targets[read_at], weights[read_at] = label, 1.0
     return base.Example(inputs=np.asarray(tokens, np.int32), targets=targets, weights=weights, cut=cut)
 
   def _losses(self, params, model, batch, rng):

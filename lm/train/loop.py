@@ -22,7 +22,7 @@ from lm import workdir as workdir_lib
 from lm import evaluate as evaluate_lib
 from lm import metrics as metrics_lib
 from lm.data import pipeline, tfds_builder, tokenizer as tokenizer_lib
-from lm.models import Transformer
+from lm import models
 from lm.train import checkpoint, optimizer, state as state_lib, step as step_lib
 
 
@@ -48,8 +48,7 @@ class TrainSetup:
 
   def train_batches(self, start_step: int = 0):
     """The global batches of steps start_step, start_step + 1, ..."""
-    eos_id = self.tokenizer.eos_id if self.tokenizer else None
-    return pipeline.train_batches(self.config, self.mesh, self.axis_rules, self.dataset, eos_id, start_step)
+    return pipeline.train_batches(self.config, self.mesh, self.axis_rules, self.dataset, self.tokenizer, start_step)
 
   @functools.cached_property
   def _byte_lengths(self) -> np.ndarray:
@@ -58,7 +57,7 @@ class TrainSetup:
   def evaluate(self, params) -> dict[str, float]:
     """The objective's metrics over eval.steps batches of the validation split, as eval_<metric>."""
     config = self.config
-    batches = pipeline.eval_batches(config, self.mesh, self.axis_rules, self.dataset, self.tokenizer.eos_id, config.eval.steps)
+    batches = pipeline.eval_batches(config, self.mesh, self.axis_rules, self.dataset, self.tokenizer, config.eval.steps)
     result = evaluate_lib.evaluate(self.eval_step, params, batches, self._byte_lengths, self.objective)
     return {f"eval_{name}": value for name, value in result.items() if name not in ("tokens", "examples")}
 
@@ -92,7 +91,7 @@ def setup(
       )
     if objective.reads_examples:
       _require_examples(config, dataset)
-    elif config.eval.every and pipeline.num_windows(dataset, "validation", config.data.seq_len) < config.data.batch_size:
+    elif config.eval.every and pipeline.num_windows(dataset, "validation", pipeline.stream_stride(config)) < config.data.batch_size:
       raise config_lib.ConfigError(
           f"data.validation_fraction: the validation split ({dataset.info.metadata['validation_tokens']:,} tokens) "
           f"holds less than one batch of data.batch_size x data.seq_len; raise it, or set eval.every=0"
@@ -102,7 +101,7 @@ def setup(
     config.model.vocab_size = tokenizer_lib.padded_vocab_size(pieces, config.model.vocab_multiple)
   mesh = sharding.make_mesh(config.mesh, devices)
   axis_rules = sharding.rules(config.mesh)
-  model = Transformer(ml_collections.FrozenConfigDict(config.model), num_classes=objective.num_classes)
+  model = models.get(config.model, num_classes=objective.num_classes)
   tx, schedule = optimizer.make(config.optimizer, config.train.steps)
   abstract = state_lib.abstract_state(model, tx, mesh, axis_rules)
   shardings = sharding.shardings_of(abstract)

@@ -38,7 +38,7 @@ def prepared(text_config):
 
 def _batches(prepared, start_step=0, count=4, config=None):
   default_config, tokenizer, builder, mesh, rules = prepared
-  batches = pipeline.train_batches(config or default_config, mesh, rules, builder, tokenizer.eos_id, start_step)
+  batches = pipeline.train_batches(config or default_config, mesh, rules, builder, tokenizer, start_step)
   return [jax.device_get(batch) for batch in itertools.islice(batches, count)]
 
 
@@ -76,7 +76,7 @@ def test_epochs_cover_every_window_once_and_reshuffle(prepared):
   small.mesh.data = 4
   mesh = sharding.make_mesh(small.mesh, jax.devices()[:4])
   steps = -(-2 * num_windows // batch_size)  # enough rows for two whole epochs
-  batches = pipeline.train_batches(small, mesh, rules, builder, tokenizer.eos_id)
+  batches = pipeline.train_batches(small, mesh, rules, builder, tokenizer)
   rows = np.concatenate([jax.device_get(b)["inputs"] for b in itertools.islice(batches, steps)])
   first, second = rows[:num_windows], rows[num_windows : 2 * num_windows]
   key = lambda r: r.tobytes()  # noqa: E731
@@ -93,8 +93,8 @@ def test_seed_changes_the_order(prepared):
 
 def test_validation_batches_are_deterministic_and_in_order(prepared):
   config, tokenizer, builder, mesh, rules = prepared
-  first = [jax.device_get(b) for b in pipeline.eval_batches(config, mesh, rules, builder, tokenizer.eos_id)]
-  second = [jax.device_get(b) for b in pipeline.eval_batches(config, mesh, rules, builder, tokenizer.eos_id)]
+  first = [jax.device_get(b) for b in pipeline.eval_batches(config, mesh, rules, builder, tokenizer)]
+  second = [jax.device_get(b) for b in pipeline.eval_batches(config, mesh, rules, builder, tokenizer)]
   assert len(first) == pipeline.num_windows(builder, "validation", config.data.seq_len) // config.data.batch_size > 0
   for a, b in zip(first, second):
     np.testing.assert_array_equal(a["inputs"], b["inputs"])
@@ -149,9 +149,10 @@ def test_rows_with_more_documents_than_cudnn_keeps_apart_are_reported(monkeypatc
   monkeypatch.setattr(pipeline.logging, "log_first_n", lambda level, message, count: warnings.append(message))
   eos = 0
   windows = [np.array([eos, 5, eos, 6, eos, 7, 8, 9, 10]), np.array([1, 2, 3, 4, 5, 6, 7, 8, 9])]  # 3 and 1 documents
-  rows = pipeline._rows_of_step(windows, 2, np.arange(2), eos, 3, step=0)
+  to_rows = lambda tokens_BL, _: batch_lib.from_stream(tokens_BL, eos)  # causal LM's rows
+  rows = pipeline._rows_of_step(windows, 2, np.arange(2), to_rows, 3, step=0)
   assert rows["segment_ids"][:, -1].tolist() == [3, 1] and warnings == []
-  pipeline._rows_of_step(windows, 2, np.arange(2), eos, 2, step=0)
+  pipeline._rows_of_step(windows, 2, np.arange(2), to_rows, 2, step=0)
   assert len(warnings) == 1 and "holds 3 documents, more than model.cudnn_max_documents=2" in warnings[0]
-  pipeline._rows_of_step(windows, 2, np.arange(2), eos, None, step=0)  # another kernel: no cap
+  pipeline._rows_of_step(windows, 2, np.arange(2), to_rows, None, step=0)  # another kernel: no cap
   assert len(warnings) == 1

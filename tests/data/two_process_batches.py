@@ -23,7 +23,7 @@ rules = sharding.rules(config.mesh)
 batch_sharding = sharding.logical_sharding(mesh, rules, sharding.BATCH_AXES)
 rows = sharding.process_rows(batch_sharding, (config.data.batch_size, config.data.seq_len))
 arrays = {"rows": rows}
-batches = pipeline.train_batches(config, mesh, rules, builder, tokenizer.eos_id)
+batches = pipeline.train_batches(config, mesh, rules, builder, tokenizer)
 for step in range(3):
   batch = next(batches)
   for name, array in batch.items():

@@ -154,6 +154,27 @@ def test_classification_fine_tune_reaches_well_above_chance(text_config, trained
   assert resumed.config.model.num_layers == 2 and resumed.config.data.tokenizer == os.path.join(workdir, "tokenizer.model")
 
 
+def test_bert_classification_fine_tune_reads_the_first_token_and_reports_accuracy_and_f1(text_config, labelled_dir, tmp_path):
+  bert = {"model.family": "bert", "model.num_kv_heads": 4, "data.tokenizer_vocab_size": 480}
+  pretrained = str(tmp_path / "bert")
+  loop.train(text_config({**bert, "objective.name": "mlm", "train.steps": 4, "eval.every": 0}), pretrained)
+  config = _finetune_config(text_config, pretrained, {
+      **bert, "objective.name": "classification", "objective.class_names": ",".join(CLASSES),
+      "data.source": f"text:{labelled_dir}", "data.batch_size": 8, "train.steps": 40, "eval.every": 20,
+  })  # fmt: skip
+  run = loop.setup(config.copy_and_resolve_references())
+  assert run.objective.at_first_token and run.config.model.family == "bert"
+  example = run.objective.example({"text": "the model token", "label": "epoch"}, run.tokenizer, 64)
+  assert example.weights.tolist() == [1.0] + [0.0] * (len(example.weights) - 1) and example.targets[0] == 2
+
+  workdir = str(tmp_path / "classify")
+  loop.train(config, workdir)
+  rows = {row["step"]: row for row in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))}
+  assert {"eval_accuracy", "eval_macro_f1", "eval_f1_model"} <= set(rows[40])
+  assert rows[40]["eval_loss"] < rows[0]["eval_loss"]
+  assert rows[40]["eval_accuracy"] > 0.6  # chance: 1/3
+
+
 def test_records_that_give_no_example_for_training_say_so_in_one_line(text_config, trained_run, tmp_path):
   from lm.config import ConfigError
 

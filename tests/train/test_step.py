@@ -32,7 +32,7 @@ def test_chunked_losses_and_gradients_equal_those_of_whole_logits(tiny_config, t
 
   def chunked(params):
     hidden_BTD = model.apply({"params": params}, *inputs, hidden_only=True)
-    cross_entropy_BT, log_z_BT = causal_lm.token_losses(params, model.cfg, hidden_BTD, targets_BT)
+    cross_entropy_BT, log_z_BT = causal_lm.token_losses(model, params, hidden_BTD, targets_BT)
     return jnp.sum((cross_entropy_BT + 0.1 * log_z_BT**2) * weights_BT)
 
   def whole(params):
@@ -50,7 +50,7 @@ def test_chunked_losses_and_gradients_equal_those_of_whole_logits(tiny_config, t
 def test_log_z_is_the_log_partition_function(tiny_config):
   model, params, inputs = _model_and_params(tiny_config("llama", {"model.loss_chunk_len": 4}))
   hidden_BTD = model.apply({"params": params}, *inputs, hidden_only=True)
-  _, log_z_BT = causal_lm.token_losses(params, model.cfg, hidden_BTD, jnp.zeros((4, 16), jnp.int32))
+  _, log_z_BT = causal_lm.token_losses(model, params, hidden_BTD, jnp.zeros((4, 16), jnp.int32))
   logits_BTV = np.asarray(model.apply({"params": params}, *inputs), np.float64)
   np.testing.assert_allclose(log_z_BT, np.log(np.exp(logits_BTV).sum(-1)), rtol=1e-6)
 
