@@ -281,8 +281,9 @@ def main() -> None:
         prompts.value, max_new_tokens=max_new_tokens.value, temperature=temperature.value, top_k=top_k.value,
         top_p=top_p.value, seed=seed.value,
     )  # fmt: skip
+    writes_apart = loaded.objective.name == "span_corruption"  # a decoder's output, not a continuation of the prompt
     for prompt, completion in zip(prompts.value, completions):
-      print(prompt + completion)
+      print(f"{prompt}\n=> {completion}" if writes_apart else prompt + completion)
       if len(prompts.value) > 1:
         print("-" * 80)
 

@@ -160,6 +160,20 @@ def test_kill_9_and_rerun_equals_the_uninterrupted_run(corpus_dir, tmp_path, fam
   result = loaded.evaluate(max_batches=2)
   assert set(result) == {"loss", "accuracy", "perplexity", "tokens"} and 0 <= result["accuracy"] <= 1
   assert result == loaded.evaluate(max_batches=2)  # evaluation masks (or drops spans) the same way every time
+  if objective == "span_corruption":  # the encoder reads the prompt; the decoder's tokens come back as text
+    from lm import generate
+
+    prompt = "the <extra_id_0> reads every"
+    (text,) = loaded.generate([prompt], max_new_tokens=6, temperature=0.0)
+    (ids,) = generate.generate_encoder_decoder_ids(
+        loaded.model, loaded.params, loaded.mesh, loaded.axis_rules, [loaded.tokenizer.encode(prompt) + [loaded.tokenizer.eos_id]],
+        max_new_tokens=6, eos_id=loaded.tokenizer.eos_id, start_id=span_corruption.decoder_start_id(loaded.tokenizer), temperature=0.0,
+        vocab_size=loaded.tokenizer.vocab_size,
+    )  # fmt: skip
+    assert 1 <= len(ids) <= 6 and text == loaded.tokenizer.decode(ids)
+  else:
+    with pytest.raises(lm.config.UserError, match="trained for mlm, not to write text"):
+      loaded.generate(["the"])
 
 
 def test_a_tokenizer_without_the_objectives_pieces_is_one_line(text_config, tmp_path):
