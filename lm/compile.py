@@ -248,7 +248,7 @@ def _table(report: dict) -> str:
       ("temporaries", gib(report["temp_bytes_per_device"])),
       ("total per chip", f"{gib(report['bytes_per_device'])} of {gib(report['hbm_bytes_per_device'])} HBM"),
       ("FLOPs per step, XLA", f"{flops(report['xla_flops_per_step'])} (each loop body counted once; none inside Pallas kernels)"),
-      ("FLOPs per step, lm", f"{flops(report['lm_flops_per_step'])} (6 per weight per token + causal attention)"),
+      ("FLOPs per step, lm", f"{flops(report['lm_flops_per_step'])} (6 per weight per token + attention scores, halved when causal)"),
       ("compile time", f"{report['compile_seconds']:.1f} s"),
   ]
   return "\n".join(f"{name:>30}  {value}" for name, value in rows)

@@ -233,7 +233,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       f"unknown source {data.source!r}; choose one of {', '.join(DATA_SOURCES)}",
   )
   _one_of(data.tokenizer_type, TOKENIZER_TYPES, "data.tokenizer_type")
-  reserved = {"mlm": 1, "span_corruption": 100}.get(objective.name, 0)  # the mask, or the sentinels
+  from lm import objectives  # which imports this module
+
+  reserved = len(objectives.get(config).reserved_pieces())  # the mask, or the sentinels
   _require(
       data.tokenizer_vocab_size >= 260 + reserved,
       "data.tokenizer_vocab_size",
@@ -265,9 +267,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       f"{data.seq_len} tokens cannot be split over mesh.sequence={ici['sequence']} devices",
   )
   if objective.name == "span_corruption":
-    from lm.objectives import span_corruption  # which imports this module
-
-    _, decoder_length = span_corruption.lengths(data.seq_len, objective.noise_density, objective.mean_span_length)
+    decoder_length = objectives.get(config).batch_lengths(data.seq_len)["targets"]
     _require(
         decoder_length % ici["sequence"] == 0,
         "data.seq_len",

@@ -80,16 +80,12 @@ class Encoder(nn.Module):
     """The MLM head on `hidden_only` activations: logits_BTV in float32, the same products as the module's."""
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
-    transform = params["mlm_transform"]
-    h_BTD = jnp.einsum("btd,de->bte", x_BTD.astype(dtype), transform["kernel"].astype(dtype)) + transform["bias"].astype(dtype)
+    transform = layers.Projection(cfg, (cfg.embed_dim,), ("embed", "mlp"), fp8=False)
+    h_BTD = transform.apply({"params": params["mlm_transform"]}, x_BTD)
+    # Without this constraint XLA's partitioner got the gradients wrong on a data x fsdp x tensor mesh
+    # inside the chunked loss's scan (the forward was right); the sharded-equals-one-device test shows it.
     h_BTD = layers.constrain(h_BTD, layers.ACTIVATION_AXES)
-    h_BTD = nn.gelu(h_BTD, approximate=False)
-    # LayerNorm as flax computes it: statistics in float32, then scale and bias.
-    h32_BTD = h_BTD.astype(jnp.float32)
-    mean_BT1 = jnp.mean(h32_BTD, axis=-1, keepdims=True)
-    variance_BT1 = jnp.maximum(jnp.mean(jnp.square(h32_BTD), axis=-1, keepdims=True) - jnp.square(mean_BT1), 0.0)
-    multiplier_BTD = jax.lax.rsqrt(variance_BT1 + cfg.norm_eps) * params["mlm_norm"]["scale"].astype(jnp.float32)
-    h_BTD = ((h32_BTD - mean_BT1) * multiplier_BTD + params["mlm_norm"]["bias"].astype(jnp.float32)).astype(dtype)
+    h_BTD = layers.norm(cfg, None).apply({"params": params["mlm_norm"]}, nn.gelu(h_BTD, approximate=False))
     embedding_VD = params["token_embed"]["embedding"].astype(dtype)
     logits_BTV = jnp.einsum("btd,vd->btv", h_BTD, embedding_VD, preferred_element_type=jnp.float32)
     logits_BTV = logits_BTV + params["mlm_bias"].astype(jnp.float32)

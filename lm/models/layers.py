@@ -116,7 +116,7 @@ def embedding(cfg: ModelConfig, num_embeddings: int, row_axis: str | None, name:
   )
 
 
-def norm(cfg: ModelConfig, name: str) -> nn.Module:
+def norm(cfg: ModelConfig, name: str | None) -> nn.Module:
   """RMSNorm for Llama and T5, LayerNorm (with bias) for GPT-2 and BERT; statistics are computed in float32."""
   common = dict(
       epsilon=cfg.norm_eps,

@@ -86,18 +86,22 @@ class MaskedLM(base.Objective):
   def eval_sums(self, params, model, batch, byte_lengths_V):
     """Weighted cross-entropy, correct predictions and chosen tokens."""
     del byte_lengths_V
-    hidden_BTD = base.hidden_states(params, model, batch, None)
-    cross_entropy_BT, _, hit_BT = causal_lm.token_scores(model, params, hidden_BTD, batch["targets"])
-    weights_BT = batch["weights"]
-    return {
-        "loss_sum": jnp.sum(cross_entropy_BT * weights_BT),
-        "correct": jnp.sum(hit_BT * weights_BT),
-        "tokens": jnp.sum(weights_BT),
-    }
+    return prediction_sums(model, params, base.hidden_states(params, model, batch, None), batch)
 
   def summarize(self, sums):
     """Loss (nats per chosen token), accuracy and perplexity over the chosen tokens."""
     return summarize_predictions(sums)
+
+
+def prediction_sums(model, params, hidden_BTD, batch: base.Batch) -> dict:
+  """Summed weighted cross-entropy, correct predictions (target ranked first) and weights of the targets."""
+  cross_entropy_BT, _, hit_BT = causal_lm.token_scores(model, params, hidden_BTD, batch["targets"])
+  weights_BT = batch["weights"]
+  return {
+      "loss_sum": jnp.sum(cross_entropy_BT * weights_BT),
+      "correct": jnp.sum(hit_BT * weights_BT),
+      "tokens": jnp.sum(weights_BT),
+  }
 
 
 def summarize_predictions(sums) -> dict[str, float]:

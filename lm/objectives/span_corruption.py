@@ -172,14 +172,7 @@ class SpanCorruption(base.Objective):
   def eval_sums(self, params, model, batch, byte_lengths_V):
     """Weighted cross-entropy, correct predictions and target tokens of the decoder."""
     del byte_lengths_V
-    hidden_BTD = decoder_hidden_states(params, model, batch, None)
-    cross_entropy_BT, _, hit_BT = causal_lm.token_scores(model, params, hidden_BTD, batch["targets"])
-    weights_BT = batch["weights"]
-    return {
-        "loss_sum": (cross_entropy_BT * weights_BT).sum(),
-        "correct": (hit_BT * weights_BT).sum(),
-        "tokens": weights_BT.sum(),
-    }
+    return mlm.prediction_sums(model, params, decoder_hidden_states(params, model, batch, None), batch)
 
   def summarize(self, sums):
     """Loss (nats per target token), accuracy and perplexity of the decoder's targets."""
