@@ -34,6 +34,7 @@ _REAL_DATA = flags.DEFINE_bool("real_data", False, "Feed the config's data inste
 _PEAK_FLOPS = flags.DEFINE_float("peak_flops", 0.0, "Per-device peak FLOP/s, where lm does not know the device's.")
 _GPU_FLAGS = flags.DEFINE_bool("xla_gpu_flags", False, "Add lm/xla_flags.py's GPU flags to XLA_FLAGS.")
 _JSON = flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
+_TRACE_DIR = flags.DEFINE_string("trace_dir", None, "After timing, trace 2 more steps with jax.profiler into this folder.")
 
 
 def measure(config: ml_collections.ConfigDict) -> dict:
@@ -42,9 +43,11 @@ def measure(config: ml_collections.ConfigDict) -> dict:
   state = run.init_state()
   batches = run.train_batches()
   rng = jax.random.key(0)
+  warmup_start = time.perf_counter()
   for step in range(_WARMUP.value):
     state, step_metrics = run.train_step(state, next(batches), jax.random.fold_in(rng, step))
   jax.block_until_ready(step_metrics)
+  warmup_seconds = time.perf_counter() - warmup_start
   window_seconds = []
   for window in range(_WINDOWS.value):
     start = time.perf_counter()
@@ -52,6 +55,11 @@ def measure(config: ml_collections.ConfigDict) -> dict:
       state, step_metrics = run.train_step(state, next(batches), jax.random.fold_in(rng, window * _STEPS.value + step))
     jax.block_until_ready(step_metrics)
     window_seconds.append((time.perf_counter() - start) / _STEPS.value)
+  if _TRACE_DIR.value:
+    with jax.profiler.trace(_TRACE_DIR.value):
+      for step in range(2):
+        state, step_metrics = run.train_step(state, next(batches), jax.random.fold_in(rng, _WINDOWS.value * _STEPS.value + step))
+      jax.block_until_ready(step_metrics)
 
   step_seconds = statistics.median(window_seconds)
   num_devices = jax.device_count()
@@ -69,6 +77,7 @@ def measure(config: ml_collections.ConfigDict) -> dict:
       "parameters": sum(leaf.size for leaf in jax.tree.leaves(state.params)),
       "matmul_parameters": metrics.matmul_params(config.model),
       "tokens_per_step": tokens_per_step,
+      "warmup_seconds": warmup_seconds,  # the untimed first steps: compilation, mostly
       "step_seconds": step_seconds,
       "step_seconds_per_window": window_seconds,
       "tokens_per_second_per_device": tokens_per_second_per_device,
@@ -94,6 +103,7 @@ def main(argv):
       ("device", f"{result['num_devices']} x {result['device']}"),
       ("parameters", f"{result['parameters'] / 1e6:,.1f}M ({result['matmul_parameters'] / 1e6:,.1f}M in matmuls)"),
       ("tokens per step", f"{result['tokens_per_step']:,}"),
+      ("warmup (compiles)", f"{result['warmup_seconds']:,.1f} s"),
       ("step time", f"{result['step_seconds'] * 1e3:,.1f} ms"),
       ("tokens/s per device", f"{result['tokens_per_second_per_device']:,.0f}"),
       ("MFU (causal)", f"{100 * result['mfu']:.1f}%" if "mfu" in result else "n/a (unknown peak; --peak_flops)"),

@@ -21,7 +21,13 @@ def get_config() -> ml_collections.ConfigDict:
   model.embed_dim = 768  # width of the residual stream; head_dim = embed_dim // num_heads
   model.num_heads = 12  # query heads
   model.num_kv_heads = 12  # key/value heads; fewer than num_heads is grouped-query attention
-  model.mlp_dim = 3072  # hidden width of the MLP
+  model.mlp_dim = 3072  # hidden width of the MLP (of each expert's, in a mixture of experts)
+  # Mixture of experts (llama family, Mixtral's block): every block's MLP becomes num_experts SwiGLU
+  # experts, of which a router picks experts_per_token for each token (0: a dense MLP).
+  model.num_experts = 0
+  model.experts_per_token = 2
+  model.expert_capacity_factor = 0.0  # 0: dropless; c > 0: c * T * k / E token slots per expert per row
+  model.router_aux_loss_weight = 0.01  # load-balancing loss (Switch Transformer's), per scored token
   model.head_dim = 0  # width of one attention head; 0: embed_dim // num_heads (T5 sets it apart)
   model.num_decoder_layers = 0  # t5: blocks of the decoder; 0: as many as the encoder's num_layers
   model.relative_buckets = 32  # t5: relative position buckets of each stack's attention bias
@@ -50,8 +56,13 @@ def get_config() -> ml_collections.ConfigDict:
   model.cudnn_max_documents = 32  # cuDNN: packed documents per row it keeps apart; more are joined into the last
   model.loss_chunk_len = 128  # the loss computes logits this many positions at a time ([B, T, V] never whole); 0: all
   model.scan_layers = True  # stack the layers on a "layers" axis and run them with nn.scan (fast compiles)
-  model.scan_unroll = 1  # with scan_layers, layers per loop iteration; num_layers: no loop (same parameters)
+  # With scan_layers, layers per loop iteration (num_layers: no loop, same parameters); 0: every layer on
+  # GPUs (the loop cost a quarter of the speed on an H100), one elsewhere.
+  model.scan_unroll = 0
   model.remat_policy = "none"  # "none", "full", "save_dots" (keep every projection output) or "save_qkv_proj"
+  # With mesh.stage > 1 (pipeline parallelism): microbatches in flight through the stages; 0: 2 x stages.
+  # The pipeline idles (stages - 1) / (microbatches + stages - 1) of the time (its bubble).
+  model.pipeline_microbatches = 0
 
   config.objective = objective = ml_collections.ConfigDict()
   # What the model learns (lm/objectives/): "causal_lm" (every next token of plain text), "sft" (the responses of
@@ -67,17 +78,24 @@ def get_config() -> ml_collections.ConfigDict:
   objective.mean_span_length = 3.0  # span_corruption: mean length of a dropped span
 
   config.mesh = mesh = ml_collections.ConfigDict()
+  # The device mesh's axes, outermost first (the innermost get the fastest links), each sized below.
+  mesh.axes = ("stage", "data", "fsdp", "expert", "tensor", "sequence")
   # Device mesh axis sizes within one slice / host; -1 takes all remaining devices.
   mesh.data = -1  # pure data parallelism (parameters replicated)
   mesh.fsdp = 1  # data parallelism with parameters, gradients and optimizer state sharded
   mesh.tensor = 1  # tensor parallelism over heads, MLP and vocabulary
   mesh.sequence = 1  # sequence parallelism over the activation length
+  mesh.expert = 1  # expert parallelism: a mixture of experts' experts split over devices (data parallel elsewhere)
+  mesh.stage = 1  # pipeline parallelism: the layers split into this many stages (GPipe)
   # Across slices / hosts (data-center network); these multiply the sizes above.
   mesh.dcn_data = 1
   mesh.dcn_fsdp = 1
   # Logical axis name -> mesh axes. Changing parallelism strategy is editing these, never the code.
   mesh.logical_axis_rules = (
-      ("activation_batch", ("data", "fsdp")),
+      ("activation_batch", ("data", "fsdp", "expert")),
+      ("activation_expert_batch", ("data", "fsdp")),
+      ("activation_expert", "expert"),
+      ("expert", "expert"),
       ("activation_length", "sequence"),
       ("activation_embed", None),
       ("activation_heads", "tensor"),
@@ -91,7 +109,9 @@ def get_config() -> ml_collections.ConfigDict:
       ("heads", "tensor"),
       ("kv_heads", "tensor"),
       ("head_dim", None),
-      ("layers", None),
+      ("layers", "stage"),
+      ("stage", "stage"),
+      ("activation_stage", "stage"),
       ("norm", None),
   )
 

@@ -24,9 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.data.seq_len = 1024
   config.data.batch_size = 512  # 524,288 tokens per step
-  # 32 rows per microbatch on one device: on one H100 this shape took 32.4 GiB (cuDNN attention, scanned
-  # layers, logits whole), where 64 rows ran out of memory (../shared/gpu/BASELINE.md).
-  config.train.microbatches = 16
+  # 64 rows per microbatch on one device: on one H100 (cuDNN attention, layers unrolled, chunked loss)
+  # 64 rows took 27.8 GiB and ran 4% faster than 32 rows (14.9 GiB) (benchmarks/RESULTS.md).
+  config.train.microbatches = 8
 
   config.optimizer.learning_rate = 6e-4
   config.optimizer.warmup_steps = 700

@@ -27,7 +27,8 @@ import ml_collections
 from absl import flags
 
 from lm import cli, metrics
-from lm.config import DATA_PARALLEL_AXES, ConfigError, UserError
+from lm import sharding
+from lm.config import ConfigError, UserError
 from lm.data import batch as batch_lib
 from lm.train import loop
 
@@ -181,7 +182,7 @@ def compile_step(config: ml_collections.ConfigDict, devices: list[jax.Device], h
   run = loop.setup(config, devices, prepare_data=False)
   batch = batch_lib.abstract(config, run.mesh, run.axis_rules)
   rng = jax.eval_shape(lambda: jax.random.key(0))
-  data_parallel = math.prod(run.mesh.shape[axis] for axis in DATA_PARALLEL_AXES)  # dcn sizes included
+  data_parallel = sharding.data_parallel(run.mesh, run.axis_rules)  # dcn sizes included
   report = {
       "devices": len(devices),
       "state_bytes_per_device": _shard_bytes(run.abstract_state),

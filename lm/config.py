@@ -12,8 +12,7 @@ from lm.models import attention, transformer
 # Every config starts from this file; it documents each field. It lives in the checkout, next to lm/.
 DEFAULT_CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py")
 
-MESH_AXES = ("data", "fsdp", "tensor", "sequence")
-DATA_PARALLEL_AXES = ("data", "fsdp")  # the mesh axes that split the batch
+DCN_AXES = ("data", "fsdp")  # the mesh axes that can also span slices / hosts (mesh.dcn_<axis>)
 FAMILIES = models.FAMILIES
 DATA_SOURCES = ("builtin", "synthetic", "text:<dir or glob>", "tfds:<name>[:<version>]")
 TOKENIZER_TYPES = ("bpe", "unigram")
@@ -82,11 +81,30 @@ def _one_of(value: str, choices: tuple[str, ...], field: str) -> None:
   _require(value in choices, field, f"unknown value {value!r}; choose one of {', '.join(choices)}")
 
 
+def mesh_axes(mesh: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The mesh's axis names, outermost first, as mesh.axes declares them; each has its size in mesh.<axis>."""
+  axes = tuple(mesh.axes)
+  for axis in axes:
+    _require(isinstance(mesh.get(axis), int), "mesh.axes", f"axis {axis!r} needs its size as an integer field mesh.{axis}")
+  _require(len(set(axes)) == len(axes), "mesh.axes", f"names an axis twice: {axes}")
+  for logical, mesh_axis in mesh.logical_axis_rules:
+    for name in (mesh_axis,) if isinstance(mesh_axis, str) else mesh_axis or ():
+      _require(name in axes, "mesh.logical_axis_rules", f"{logical!r} maps to mesh axis {name!r}, which mesh.axes {axes} lacks")
+  return axes
+
+
+def batch_axes(mesh: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The mesh axes that split the batch: those the rules map "activation_batch" to."""
+  mapped = dict(mesh.logical_axis_rules).get("activation_batch")
+  return (mapped,) if isinstance(mapped, str) else tuple(mapped or ())
+
+
 def mesh_shape(mesh: ml_collections.ConfigDict, num_devices: int) -> tuple[dict[str, int], dict[str, int]]:
   """Resolves the mesh sizes: (per-slice sizes with -1 filled in, across-slice sizes), by axis name."""
-  dcn = {"data": mesh.dcn_data, "fsdp": mesh.dcn_fsdp, "tensor": 1, "sequence": 1}
-  for axis in ("data", "fsdp"):
-    _require(dcn[axis] >= 1, f"mesh.dcn_{axis}", f"must be >= 1, got {dcn[axis]}")
+  axes = mesh_axes(mesh)
+  dcn = {axis: mesh.get(f"dcn_{axis}", 1) if axis in DCN_AXES else 1 for axis in axes}
+  for axis in DCN_AXES:
+    _require(dcn.get(axis, 1) >= 1, f"mesh.dcn_{axis}", f"must be >= 1, got {dcn.get(axis)}")
   num_slices = math.prod(dcn.values())
   _require(
       num_devices % num_slices == 0,
@@ -95,7 +113,7 @@ def mesh_shape(mesh: ml_collections.ConfigDict, num_devices: int) -> tuple[dict[
   )
   devices_per_slice = num_devices // num_slices
 
-  ici = {axis: mesh[axis] for axis in MESH_AXES}
+  ici = {axis: mesh[axis] for axis in axes}
   for axis, size in ici.items():
     _require(size == -1 or size >= 1, f"mesh.{axis}", f"must be -1 (all remaining devices) or >= 1, got {size}")
   fill_axes = [axis for axis, size in ici.items() if size == -1]
@@ -106,7 +124,7 @@ def mesh_shape(mesh: ml_collections.ConfigDict, num_devices: int) -> tuple[dict[
     _require(
         devices_per_slice % fixed == 0,
         f"mesh.{fill_axes[0]}",
-        f"-1 cannot fill the mesh: the other axes ({', '.join(f'{a}={ici[a]}' for a in MESH_AXES if ici[a] != -1)}) "
+        f"-1 cannot fill the mesh: the other axes ({', '.join(f'{a}={ici[a]}' for a in axes if ici[a] != -1)}) "
         f"multiply to {fixed}, which does not divide the {devices_per_slice} devices per slice",
     )
     ici[fill_axes[0]] = devices_per_slice // fixed
@@ -176,7 +194,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   )
   _finite_at_least(model.norm_eps, 0.0, "model.norm_eps", inclusive=False)
   _finite_at_least(model.init_std, 0.0, "model.init_std", inclusive=False)
-  _require(model.scan_unroll >= 1, "model.scan_unroll", f"must be >= 1, got {model.scan_unroll}")
+  _require(model.scan_unroll >= 0, "model.scan_unroll", f"must be >= 0 (0: auto), got {model.scan_unroll}")
   _require(model.cudnn_max_documents >= 1, "model.cudnn_max_documents", f"must be >= 1, got {model.cudnn_max_documents}")
   _require(model.loss_chunk_len >= 0, "model.loss_chunk_len", f"must be >= 0 (0: all positions at once), got {model.loss_chunk_len}")
   _require(0.0 <= model.dropout_rate < 1.0, "model.dropout_rate", f"must be in [0, 1), got {model.dropout_rate}")
@@ -250,38 +268,66 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       f"{data.seq_len} is longer than model.max_seq_len={model.max_seq_len}",
   )
 
+  _require(model.num_experts >= 0, "model.num_experts", f"must be >= 0 (0: a dense MLP), got {model.num_experts}")
+  if model.num_experts:
+    _require(model.family == "llama", "model.num_experts", f"mixtures of experts are built for the llama family, not {model.family}")
+    _require(
+        1 <= model.experts_per_token <= model.num_experts,
+        "model.experts_per_token",
+        f"must be between 1 and model.num_experts={model.num_experts}, got {model.experts_per_token}",
+    )
+    _finite_at_least(model.expert_capacity_factor, 0.0, "model.expert_capacity_factor")
+    _finite_at_least(model.router_aux_loss_weight, 0.0, "model.router_aux_loss_weight")
+
   ici, dcn = mesh_shape(config.mesh, num_devices)
   _require(
-      model.num_heads % ici["tensor"] == 0,
+      model.num_heads % ici.get("tensor", 1) == 0,
       "model.num_heads",
-      f"{model.num_heads} heads cannot be split over mesh.tensor={ici['tensor']} devices",
+      f"{model.num_heads} heads cannot be split over mesh.tensor={ici.get('tensor', 1)} devices",
   )
   _require(
-      model.num_kv_heads % ici["tensor"] == 0,
+      model.num_kv_heads % ici.get("tensor", 1) == 0,
       "model.num_kv_heads",
-      f"{model.num_kv_heads} key/value heads cannot be split over mesh.tensor={ici['tensor']} devices",
+      f"{model.num_kv_heads} key/value heads cannot be split over mesh.tensor={ici.get('tensor', 1)} devices",
   )
   _require(
-      data.seq_len % ici["sequence"] == 0,
+      data.seq_len % ici.get("sequence", 1) == 0,
       "data.seq_len",
-      f"{data.seq_len} tokens cannot be split over mesh.sequence={ici['sequence']} devices",
+      f"{data.seq_len} tokens cannot be split over mesh.sequence={ici.get('sequence', 1)} devices",
   )
   if objective.name == "span_corruption":
     decoder_length = objectives.get(config).batch_lengths(data.seq_len)["targets"]
     _require(
-        decoder_length % ici["sequence"] == 0,
+        decoder_length % ici.get("sequence", 1) == 0,
         "data.seq_len",
         f"span corruption of {data.seq_len} encoder tokens gives the decoder {decoder_length}, which cannot be split "
-        f"over mesh.sequence={ici['sequence']} devices; pick another data.seq_len",
+        f"over mesh.sequence={ici.get('sequence', 1)} devices; pick another data.seq_len",
     )
+  num_stages = ici.get("stage", 1) * dcn.get("stage", 1)
+  _require(model.pipeline_microbatches >= 0, "model.pipeline_microbatches", f"must be >= 0 (0: 2 x stages), got {model.pipeline_microbatches}")
+  if num_stages > 1:
+    _require(model.family in ("llama", "gpt2"), "mesh.stage", f"pipeline stages are built for the decoders (llama, gpt2), not {model.family}")
+    _require(model.scan_layers, "mesh.stage", "pipeline stages split the scanned layers: set model.scan_layers=true")
+    _require(model.num_layers % num_stages == 0, "mesh.stage", f"{model.num_layers} layers cannot be split into {num_stages} stages")
+    _require(not model.num_experts, "mesh.stage", "a mixture of experts is not pipelined yet: use mesh.stage=1")
+    _require(model.dropout_rate == 0, "mesh.stage", "pipeline stages run without dropout: set model.dropout_rate=0")
   _require(data.batch_size >= 1, "data.batch_size", f"must be >= 1, got {data.batch_size}")
-  data_parallel = math.prod(ici[axis] * dcn[axis] for axis in DATA_PARALLEL_AXES)
+  data_parallel = math.prod(ici[axis] * dcn[axis] for axis in batch_axes(config.mesh))
   _require(
       data.batch_size % data_parallel == 0,
       "data.batch_size",
-      f"{data.batch_size} rows cannot be split over the {data_parallel} data-parallel devices (data x fsdp)",
+      f"{data.batch_size} rows cannot be split over the {data_parallel} data-parallel devices "
+      f"({' x '.join(batch_axes(config.mesh))})",
   )
   _require(train.microbatches >= 1, "train.microbatches", f"must be >= 1, got {train.microbatches}")
+  if num_stages > 1:
+    in_flight = model.pipeline_microbatches or 2 * num_stages
+    _require(
+        data.batch_size % (train.microbatches * data_parallel * in_flight) == 0,
+        "model.pipeline_microbatches",
+        f"data.batch_size={data.batch_size} must split into {train.microbatches} x {in_flight} pipeline microbatches "
+        f"of a multiple of {data_parallel} rows (the data-parallel devices)",
+    )
   _require(
       data.batch_size % (train.microbatches * data_parallel) == 0,
       "train.microbatches",

@@ -98,9 +98,9 @@ def _check_knobs(max_new_tokens: int, temperature: float, top_k: int, top_p: flo
     raise UserError(f"top_k must be >= 0 (0 is off), got {top_k}")
 
 
-def _padded_rows(rows: list[list[int]], mesh: Mesh) -> list[list[int]]:
+def _padded_rows(rows: list[list[int]], mesh: Mesh, axis_rules: sharding.Rules) -> list[list[int]]:
   """`rows` and copies of its first, up to a multiple of the data-parallel size (filler keeps the batch divisible)."""
-  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+  data_parallel = sharding.data_parallel(mesh, axis_rules)
   num_rows = -(-len(rows) // data_parallel) * data_parallel
   return rows + [rows[0]] * (num_rows - len(rows))
 
@@ -148,7 +148,7 @@ def generate_ids(
   if any(not prompt for prompt in prompts):
     raise UserError("every prompt needs at least one token")
   _check_knobs(max_new_tokens, temperature, top_k, top_p)
-  rows = _padded_rows(prompts, mesh)
+  rows = _padded_rows(prompts, mesh, axis_rules)
   prompt_length = max(len(row) for row in rows)
   cache_length = prompt_length + max_new_tokens
   if cache_length > model.cfg.max_seq_len:  # GPT-2 has no positions past it; Llama was never trained on any
@@ -240,7 +240,7 @@ def generate_encoder_decoder_ids(
   if any(not row for row in inputs):
     raise UserError("every input needs at least one token")
   _check_knobs(max_new_tokens, temperature, top_k, top_p)
-  rows = _padded_rows(inputs, mesh)
+  rows = _padded_rows(inputs, mesh, axis_rules)
   source_length = max(len(row) for row in rows)
   # Right padding, segment id 0: cross-attention skips it, and every input's positions start at 0.
   tokens_BS = np.array([row + [0] * (source_length - len(row)) for row in rows], np.int32)

@@ -21,6 +21,7 @@ from lm.objectives import sft, span_corruption
 from lm import generate as generate_lib
 from lm import sharding
 from lm import workdir as workdir_lib
+from lm import config as config_lib
 from lm.config import UserError, absolute_path
 from lm.data import pipeline, tfds_builder, tokenizer as tokenizer_lib
 from lm import models
@@ -33,7 +34,8 @@ def inference_mesh(config: ml_collections.ConfigDict) -> Mesh:
   devices = jax.devices()
   devices = devices[: math.gcd(len(devices), config.model.embed_dim)]  # the default rules shard "embed" over fsdp
   mesh_config = ml_collections.ConfigDict(config.mesh)
-  mesh_config.update(data=1, fsdp=-1, tensor=1, sequence=1, dcn_data=1, dcn_fsdp=1)
+  mesh_config.update({axis: 1 for axis in config_lib.mesh_axes(mesh_config)})
+  mesh_config.update(fsdp=-1, dcn_data=1, dcn_fsdp=1)
   return sharding.make_mesh(mesh_config, devices)
 
 
@@ -56,7 +58,7 @@ class LoadedModel:
   @property
   def data_parallel(self) -> int:
     """Batches are split over this many devices, so their rows come in multiples of it."""
-    return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    return sharding.data_parallel(self.mesh, self.axis_rules)
 
   def steps(self) -> list[int]:
     """Every kept checkpoint step of the run, oldest first."""

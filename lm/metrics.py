@@ -28,11 +28,14 @@ def matmul_params(model: ml_collections.ConfigDict) -> int:
   """Parameters of every weight matrix applied to activations (LM head included, embedding lookups excluded).
 
   A T5 counts its decoder's blocks (with cross-attention) too, as if they ran on every encoder token:
-  an upper bound, since its decoder reads a fraction of that.
+  an upper bound, since its decoder reads a fraction of that. A mixture of experts counts the active
+  parameters: the experts_per_token experts each token goes through, and the router.
   """
   head_dim = model.get("head_dim", 0) or model.embed_dim // model.num_heads
   attention = model.embed_dim * head_dim * (2 * model.num_heads + 2 * model.num_kv_heads)  # q, o, k, v
   mlp = (3 if model.family in ("llama", "t5") else 2) * model.embed_dim * model.mlp_dim
+  if model.get("num_experts", 0):
+    mlp = model.experts_per_token * mlp + model.embed_dim * model.num_experts
   blocks = model.num_layers * (attention + mlp)
   if model.family == "t5":
     blocks += (model.num_decoder_layers or model.num_layers) * (2 * attention + mlp)
@@ -125,6 +128,8 @@ class MetricsWriter:
   def _line(self, row: dict[str, float]) -> str:
     parts = [f"step {row['step']}/{self.total_steps}"]
     parts += [f"{name} {row[name]:.4f}" for name in ("loss", "eval_loss", "eval_accuracy") if name in row]
+    if "expert_load_max" in row:  # a mixture of experts: its most and least loaded expert (1 = balanced)
+      parts.append(f"experts {row['expert_load_min']:.2f}-{row['expert_load_max']:.2f}x")
     if "learning_rate" in row:
       parts.append(f"lr {row['learning_rate']:.2e}")
     if "tokens_per_second" in row:

@@ -20,11 +20,12 @@ BATCH_AXES = ("activation_batch", "activation_length")  # logical axes of every 
 
 
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds the ("data", "fsdp", "tensor", "sequence") mesh; across slices the dcn sizes multiply in."""
+  """Builds the mesh of the axes mesh.axes declares; across slices the dcn sizes multiply in."""
   devices = list(jax.devices() if devices is None else devices)
+  axes = config_lib.mesh_axes(mesh_config)
   ici, dcn = config_lib.mesh_shape(mesh_config, len(devices))
-  ici_shape = [ici[axis] for axis in config_lib.MESH_AXES]
-  dcn_shape = [dcn[axis] for axis in config_lib.MESH_AXES]
+  ici_shape = [ici[axis] for axis in axes]
+  dcn_shape = [dcn[axis] for axis in axes]
   if math.prod(dcn_shape) == 1:
     device_array = mesh_utils.create_device_mesh(ici_shape, devices, allow_split_physical_axes=True)
   else:
@@ -33,7 +34,7 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[jax.Devi
     device_array = mesh_utils.create_hybrid_device_mesh(
         ici_shape, dcn_shape, devices, process_is_granule=process_is_granule, allow_split_physical_axes=True
     )
-  return Mesh(device_array, config_lib.MESH_AXES)
+  return Mesh(device_array, axes)
 
 
 def rules(mesh_config: ml_collections.ConfigDict) -> Rules:
@@ -43,6 +44,13 @@ def rules(mesh_config: ml_collections.ConfigDict) -> Rules:
   )
 
 
+def data_parallel(mesh: Mesh, axis_rules: Rules) -> int:
+  """How many ways a batch splits: the product of the mesh axes the rules map "activation_batch" to."""
+  mapped = dict(axis_rules).get("activation_batch")
+  axes = (mapped,) if isinstance(mapped, str) else tuple(mapped or ())
+  return math.prod(mesh.shape[axis] for axis in axes)
+
+
 # The config field that sets the size of a parameter dimension with this logical name.
 FIELD_OF_LOGICAL_AXIS = {
     "vocab": "model.vocab_size",
@@ -50,6 +58,7 @@ FIELD_OF_LOGICAL_AXIS = {
     "mlp": "model.mlp_dim",
     "heads": "model.num_heads",
     "kv_heads": "model.num_kv_heads",
+    "expert": "model.num_experts",
 }
 
 

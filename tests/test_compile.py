@@ -115,6 +115,29 @@ def test_xla_attention_has_no_kernel():
   assert "tpu_custom_call" not in report["custom_calls"]
 
 
+def test_a_mixture_of_experts_compiles_with_its_experts_split_over_chips():
+  """configs/moe_tiny.py's block on a v5p-8 (4 chips): experts over the expert axis, FSDP inside it."""
+  config = load_config_file(os.path.join(REPO, "configs", "moe_tiny.py"))
+  config.data.source = "synthetic"
+  config.model.vocab_size = 1024
+  config.mesh.update(data=1, expert=4, fsdp=1)
+  report = compile_lib.compile_for(config, compile_lib.parse_topology("v5p-8"))
+  assert report["fits"] and report["devices"] == 4
+  # Each chip holds 2 of the 8 experts: expert weights and their AdamW moments split 4 ways.
+  experts = config.model.num_layers * 8 * 3 * 128 * 96
+  others = 1024 * 128 + config.model.num_layers * (2 * 128 + 2 * 128 * 128 + 2 * 128 * 64 + 128 * 8) + 128
+  assert report["state_bytes_per_device"] == pytest.approx(3 * 4 * (experts / 4 + others), rel=0.01)
+
+
+def test_a_pipelined_model_compiles_with_its_stages_on_their_own_chips():
+  """Two stages of one layer each on a v5p-8 (4 chips), FSDP over the other 2: each chip holds half the layers."""
+  report = compile_lib.compile_for(_tiny(**{"mesh.stage": 2, "mesh.fsdp": 2}), compile_lib.parse_topology("v5p-8"))
+  assert report["fits"] and report["devices"] == 4
+  layers = 2 * (2 * 128 + 2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 384)
+  others = 1024 * 128 + 128
+  assert report["state_bytes_per_device"] == pytest.approx(3 * 4 * (layers / 4 + others / 2), rel=0.01)
+
+
 def test_slices_must_match_the_dcn_mesh():
   with pytest.raises(ConfigError, match="mesh.dcn_data: --num_slices=2"):
     compile_lib.compile_for(_tiny(), compile_lib.parse_topology("v5e-4"), num_slices=2)

@@ -26,7 +26,7 @@ BAD_CONFIGS = [
     ({"mesh.dcn_data": 3}, "mesh.dcn_data"),
     ({"model.attention": "flash"}, "model.attention"),
     ({"model.remat_policy": "some"}, "model.remat_policy"),
-    ({"model.scan_unroll": 0}, "model.scan_unroll"),
+    ({"model.scan_unroll": -1}, "model.scan_unroll"),
     ({"model.fp8_matmuls": True, "model.dtype": "float16"}, "model.fp8_matmuls"),
     ({"model.cudnn_max_documents": 0}, "model.cudnn_max_documents"),
     ({"model.loss_chunk_len": -1}, "model.loss_chunk_len"),
@@ -121,8 +121,21 @@ def test_mesh_shape_fills_minus_one_and_multiplies_dcn(tiny_config):
   mesh = tiny_config().mesh
   mesh.data, mesh.fsdp, mesh.tensor, mesh.dcn_data = 1, -1, 2, 2
   ici, dcn = config_lib.mesh_shape(mesh, num_devices=16)
-  assert ici == {"data": 1, "fsdp": 4, "tensor": 2, "sequence": 1}
-  assert dcn == {"data": 2, "fsdp": 1, "tensor": 1, "sequence": 1}
+  assert ici == {"stage": 1, "data": 1, "fsdp": 4, "expert": 1, "tensor": 2, "sequence": 1}
+  assert dcn == {"stage": 1, "data": 2, "fsdp": 1, "expert": 1, "tensor": 1, "sequence": 1}
+
+
+def test_the_config_declares_the_mesh_axes_and_the_rules_the_batch_axes(tiny_config):
+  mesh = tiny_config().mesh
+  mesh.axes = ("data", "fsdp", "tensor")
+  mesh.logical_axis_rules = tuple((name, axes) for name, axes in mesh.logical_axis_rules if name not in ("activation_batch",))
+  with pytest.raises(config_lib.ConfigError, match="^mesh.logical_axis_rules: '.*' maps to mesh axis '(stage|expert)', which mesh.axes"):
+    config_lib.mesh_shape(mesh, num_devices=8)
+  mesh.logical_axis_rules = (("activation_batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"))
+  mesh.data, mesh.fsdp, mesh.tensor = -1, 2, 2
+  assert config_lib.mesh_shape(mesh, num_devices=8)[0] == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert config_lib.batch_axes(mesh) == ("data", "fsdp")
+  assert config_lib.batch_axes(tiny_config().mesh) == ("data", "fsdp", "expert")
 
 
 @pytest.mark.parametrize(

@@ -104,7 +104,7 @@ def test_missing_workdir_is_one_line(tmp_path):
 def test_the_inference_mesh_uses_the_devices_the_model_width_splits_over(tiny_config, embed_dim, devices):
   config = tiny_config("gpt2", {"model.embed_dim": embed_dim, "model.num_heads": 1, "model.num_kv_heads": 1})
   mesh = inference.inference_mesh(config)
-  assert dict(mesh.shape) == {"data": 1, "fsdp": devices, "tensor": 1, "sequence": 1}
+  assert dict(mesh.shape) == {"stage": 1, "data": 1, "fsdp": devices, "expert": 1, "tensor": 1, "sequence": 1}
   model = Transformer(ml_collections.FrozenConfigDict(config.model))
   sharding.abstract_params(model, mesh, sharding.rules(config.mesh))  # every parameter splits evenly
 

@@ -33,6 +33,7 @@ def _model_and_params(config, mesh_sizes):
         ("llama", {}, {"data": 2, "fsdp": 2, "tensor": 2}),
         ("gpt2", {}, {"data": 1, "fsdp": 4, "tensor": 2}),
         ("llama", {"model.scan_layers": False, "model.attention": "dot_product"}, {"data": 8}),
+        ("llama", {"model.num_experts": 4}, {"data": 2, "expert": 2, "fsdp": 2}),
     ],
 )
 def test_greedy_decoding_with_the_cache_equals_argmax_of_the_full_forward_pass(tiny_config, family, model_overrides, mesh_sizes):

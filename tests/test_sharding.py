@@ -9,12 +9,12 @@ from lm import sharding
 def test_make_mesh_uses_the_config_sizes(tiny_config):
   config = tiny_config("llama", {"mesh.data": 2, "mesh.fsdp": -1, "mesh.tensor": 2})
   mesh = sharding.make_mesh(config.mesh)
-  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2, "sequence": 1}
+  assert dict(mesh.shape) == {"stage": 1, "data": 2, "fsdp": 2, "expert": 1, "tensor": 2, "sequence": 1}
 
 
 def test_make_mesh_on_a_subset_of_devices(tiny_config):
   mesh = sharding.make_mesh(tiny_config("llama", {"mesh.data": 1, "mesh.fsdp": -1}).mesh, jax.devices()[:4])
-  assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 1, "sequence": 1}
+  assert dict(mesh.shape) == {"stage": 1, "data": 1, "fsdp": 4, "expert": 1, "tensor": 1, "sequence": 1}
   assert set(mesh.devices.flat) == set(jax.devices()[:4])
 
 
@@ -24,7 +24,7 @@ def test_logical_rules_map_parameters_and_batches(tiny_config):
   rules = sharding.rules(config.mesh)
   assert sharding.logical_sharding(mesh, rules, ("embed", "mlp")).spec == jax.sharding.PartitionSpec("fsdp", "tensor")
   batch_spec = sharding.logical_sharding(mesh, rules, sharding.BATCH_AXES).spec
-  assert batch_spec == jax.sharding.PartitionSpec(("data", "fsdp"), "sequence")
+  assert batch_spec == jax.sharding.PartitionSpec(("data", "fsdp", "expert"), "sequence")
 
 
 def test_process_rows_and_global_batch(tiny_config):

@@ -3,9 +3,9 @@
     python -m lm.interop export --workdir=runs/quickstart [--step=N] --out=hf/quickstart [--overwrite]
     python -m lm.interop import hf/some_llama --workdir=runs/imported [--tokenizer=tokenizer.model] [--overwrite]
 
-`export` writes what transformers' from_pretrained loads (LlamaForCausalLM, GPT2LMHeadModel,
-BertForMaskedLM or T5ForConditionalGeneration, safetensors, the tokenizer as a LlamaTokenizer or,
-a tokenizer.json, as a PreTrainedTokenizerFast). `import` writes an lm run: config.json (its
+`export` writes what transformers' from_pretrained loads (LlamaForCausalLM, MixtralForCausalLM,
+GPT2LMHeadModel, BertForMaskedLM or T5ForConditionalGeneration, safetensors, the tokenizer as a
+LlamaTokenizer or, a tokenizer.json, as a PreTrainedTokenizerFast). `import` writes an lm run: config.json (its
 objective the family's pretraining one: causal LM, masked LM for BERT, span corruption for T5), a
 checkpoint at step 0 and the tokenizer (the folder's tokenizer.model, else its tokenizer.json),
 which lm.load / lm.evaluate / lm.generate read and

@@ -1,5 +1,5 @@
-"""Hugging Face checkpoints: lm params <-> `LlamaForCausalLM` / `GPT2LMHeadModel` / `BertForMaskedLM` /
-`T5ForConditionalGeneration` safetensors.
+"""Hugging Face checkpoints: lm params <-> `LlamaForCausalLM` / `MixtralForCausalLM` / `GPT2LMHeadModel` /
+`BertForMaskedLM` / `T5ForConditionalGeneration` safetensors.
 
     model_config, params = hf.load("path/to/hf_dir")   # params as lm.models.get(model_config) takes them
     hf.save(model_config, params, "path/to/out_dir", tokenizer_path="tokenizer.model")  # or a tokenizer.json
@@ -9,9 +9,11 @@ configs are plain JSON. lm's rotary embedding already uses Hugging Face's half-s
 its head order, so attention weights are reshaped and transposed, never permuted.
 
 Llama's and GPT-2's tables are here; BERT's and T5's in lm/interop/bert.py and t5.py, which the
-functions below hand those families to.
+functions below hand those families to. Mixtral is a llama-family model with model.num_experts > 0:
+its attention and norms are Llama's, its MLP lm's MoeMlp (lm/models/moe.py).
 
-Shape letters: D embed dim, N query heads, K key/value heads, H head dim, F MLP width, V vocab.
+Shape letters: D embed dim, N query heads, K key/value heads, H head dim, F MLP width, V vocab,
+E experts.
 """
 
 import json
@@ -34,17 +36,24 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 # Per layer: (Hugging Face name, path under the lm layer, Linear weight whose [out, in] is the
 # transpose of lm's [in, out] kernel).
-LLAMA_LAYER = (
+# Mixtral's layers share the attention and norms; their MLP is a mixture of experts (_experts_to_hf).
+LLAMA_ATTENTION = (
     ("input_layernorm.weight", ("attn_norm", "scale"), False),
     ("self_attn.q_proj.weight", ("attn", "query", "kernel"), True),
     ("self_attn.k_proj.weight", ("attn", "key", "kernel"), True),
     ("self_attn.v_proj.weight", ("attn", "value", "kernel"), True),
     ("self_attn.o_proj.weight", ("attn", "out", "kernel"), True),
     ("post_attention_layernorm.weight", ("mlp_norm", "scale"), False),
+)
+LLAMA_LAYER = LLAMA_ATTENTION + (
     ("mlp.gate_proj.weight", ("mlp", "gate", "kernel"), True),
     ("mlp.up_proj.weight", ("mlp", "up", "kernel"), True),
     ("mlp.down_proj.weight", ("mlp", "down", "kernel"), True),
 )
+# Mixtral's MLP, as the Hub's checkpoints and transformers 5's save_pretrained name it: a router
+# (gate) and per expert j, w1 (gate), w3 (up) and w2 (down) Linear weights. transformers 5 renames
+# block_sparse_moe to mlp and fuses the experts on loading (see _experts_from_hf).
+MIXTRAL_MOE = "block_sparse_moe."
 # GPT-2's Conv1D weights are stored [in, out], as lm's kernels are; q, k and v are fused (c_attn).
 GPT2_LAYER = (
     ("ln_1.weight", ("attn_norm", "scale"), False),
@@ -83,10 +92,14 @@ def to_hf_tensors(model: ml_collections.ConfigDict, params: dict) -> dict[str, n
 
   tensors = {}
   if model.family == "llama":
+    moe = model.get("num_experts", 0) > 0  # configs saved before mixtures of experts existed lack it
     tensors["model.embed_tokens.weight"] = params["token_embed"]["embedding"]
     for i in range(model.num_layers):
-      for name, path, transpose in LLAMA_LAYER:
+      for name, path, transpose in LLAMA_ATTENTION if moe else LLAMA_LAYER:
         tensors[f"model.layers.{i}.{name}"] = convert(path, tables.get(layer(i), path), transpose)
+      if moe:
+        for name, value in _experts_to_hf(layer(i)["mlp"]).items():
+          tensors[f"model.layers.{i}.{MIXTRAL_MOE}{name}"] = value
     tensors["model.norm.weight"] = params["final_norm"]["scale"]
   else:
     if model.num_kv_heads != model.num_heads:
@@ -105,6 +118,18 @@ def to_hf_tensors(model: ml_collections.ConfigDict, params: dict) -> dict[str, n
   if not model.tie_embeddings:
     tensors["lm_head.weight"] = params["lm_head"]["kernel"].T
   return {name: np.ascontiguousarray(value) for name, value in tensors.items()}
+
+
+def _experts_to_hf(mlp: dict) -> dict[str, np.ndarray]:
+  """One MoE block's params (router [D, E], gate and up [E, D, F], down [E, F, D]) as Mixtral's per-expert
+  Linear weights, named after block_sparse_moe.: the layout transformers 5's save_pretrained writes, so an
+  export reads like any Mixtral checkpoint (from_pretrained fuses the experts as it loads them)."""
+  tensors = {"gate.weight": mlp["router"].T}  # [E, D]
+  for j in range(mlp["router"].shape[1]):
+    tensors[f"experts.{j}.w1.weight"] = mlp["gate"][j].T  # [F, D]
+    tensors[f"experts.{j}.w2.weight"] = mlp["down"][j].T  # [D, F]
+    tensors[f"experts.{j}.w3.weight"] = mlp["up"][j].T  # [F, D]
+  return tensors
 
 
 def _rope_scaling_to_hf(model: ml_collections.ConfigDict) -> dict | None:
@@ -134,14 +159,25 @@ def hf_config(model: ml_collections.ConfigDict, eos_id: int, bos_id: int | None 
   if model.family == "llama":
     scaling = _rope_scaling_to_hf(model)
     rope = {"rope_type": "default", **(scaling or {}), "rope_theta": model.rope_theta}
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", **common,
-        "hidden_size": model.embed_dim, "intermediate_size": model.mlp_dim, "num_hidden_layers": model.num_layers,
-        "num_attention_heads": model.num_heads, "num_key_value_heads": model.num_kv_heads,
-        "head_dim": model.embed_dim // model.num_heads, "max_position_embeddings": model.max_seq_len,
-        "rms_norm_eps": model.norm_eps, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+    shared = {
+        **common, "hidden_size": model.embed_dim, "intermediate_size": model.mlp_dim,
+        "num_hidden_layers": model.num_layers, "num_attention_heads": model.num_heads,
+        "num_key_value_heads": model.num_kv_heads, "head_dim": model.embed_dim // model.num_heads,
+        "max_position_embeddings": model.max_seq_len, "rms_norm_eps": model.norm_eps, "hidden_act": "silu",
         # transformers < 5 reads rope_theta and rope_scaling, 5 and later rope_parameters.
         "rope_theta": model.rope_theta, "rope_scaling": scaling, "rope_parameters": rope,
+    }  # fmt: skip
+    if model.get("num_experts", 0):
+      # The capacity factor is how lm runs the experts, not part of the model: transformers is dropless.
+      return {
+          "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", **shared,
+          "num_local_experts": model.num_experts, "num_experts_per_tok": model.experts_per_token,
+          "router_aux_loss_coef": model.router_aux_loss_weight, "router_jitter_noise": 0.0, "sliding_window": None,
+          "output_router_logits": False,
+      }  # fmt: skip
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", **shared, "attention_bias": False,
+        "mlp_bias": False,
     }  # fmt: skip
   return {
       "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **common,
@@ -239,15 +275,38 @@ def _rope_field(rope: dict, rope_type: str, name: str):
   return rope[name]
 
 
+# Mixtures of experts whose blocks are not Mixtral's, so lm's MoeMlp cannot hold them.
+UNSUPPORTED_MOE = {
+    "qwen2_moe": "its MoE blocks add a shared expert to the routed ones, its attention q/k/v biases",
+    "qwen3_moe": "its attention normalizes each head's queries and keys (q_norm, k_norm)",
+}
+
+
+def _mixtral_config(hf: dict, model: ml_collections.ConfigDict) -> None:
+  """The mixture-of-experts fields of a Mixtral config.json, onto the llama-family `model`."""
+  if hf.get("sliding_window") is not None:
+    raise _unsupported(f"sliding_window={hf['sliding_window']} (lm's attention sees the whole context)")
+  if hf.get("router_jitter_noise"):  # transformers multiplies a training batch's activations by it
+    raise _unsupported(f"router_jitter_noise={hf['router_jitter_noise']}")
+  model.update(
+      num_experts=hf.get("num_local_experts", 8), experts_per_token=hf.get("num_experts_per_tok", 2),
+      # Dropless, as transformers computes: capacity (a cheaper, lossy schedule) is a choice for training.
+      expert_capacity_factor=0.0, router_aux_loss_weight=float(hf.get("router_aux_loss_coef", 0.001)),
+  )  # fmt: skip
+
+
 def model_config_from_hf(hf: dict) -> ml_collections.ConfigDict:
   """lm's `model` config section for a transformers config.json (as a dict)."""
   model = load_config_file(DEFAULT_CONFIG_FILE).model
   model_type = hf.get("model_type")
-  if model_type == "llama":
+  if model_type in UNSUPPORTED_MOE:
+    raise _unsupported(f"model_type {model_type!r} ({UNSUPPORTED_MOE[model_type]})")
+  if model_type in ("llama", "mixtral"):
     # transformers < 5 writes rope_theta and rope_scaling ("type" before 4.45), 5 and later rope_parameters;
     # given both, each reads rope_scaling.
     rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-    rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
+    default_theta = 1e6 if model_type == "mixtral" else 10000.0  # transformers' defaults
+    rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", default_theta))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "linear", "llama3"):
       raise _unsupported(f"rope_scaling type {rope_type!r} (lm reads linear and llama3)")
@@ -275,6 +334,8 @@ def model_config_from_hf(hf: dict) -> ml_collections.ConfigDict:
       model.rope_high_freq_factor = float(_rope_field(rope, rope_type, "high_freq_factor"))
       # transformers falls back on max_position_embeddings, as here.
       model.rope_original_max_seq_len = int(rope.get("original_max_position_embeddings") or model.max_seq_len)
+    if model_type == "mixtral":
+      _mixtral_config(hf, model)
   elif model_type in FAMILY_TABLES:
     model = FAMILY_TABLES[model_type].model_config_from_hf(hf, model)
   elif model_type == "gpt2":
@@ -289,7 +350,7 @@ def model_config_from_hf(hf: dict) -> ml_collections.ConfigDict:
         tie_embeddings=hf.get("tie_word_embeddings", True),
     )  # fmt: skip
   else:
-    raise _unsupported(f"model_type {model_type!r} (lm reads llama, gpt2, bert and t5)")
+    raise _unsupported(f"model_type {model_type!r} (lm reads llama, mixtral, gpt2, bert and t5)")
   model.vocab_multiple = 1  # the checkpoint's vocabulary size is kept as it is
   return model
 
@@ -309,6 +370,42 @@ def _read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
   return tensors
 
 
+def _required(tensors: dict[str, np.ndarray], name: str) -> np.ndarray:
+  if name not in tensors:
+    raise ConfigError(f"weights: {name} is missing from the checkpoint")
+  return tensors[name]
+
+
+def _experts_from_hf(tensors: dict[str, np.ndarray], prefix: str, num_experts: int) -> dict[str, tuple]:
+  """A Mixtral layer's MLP as lm's MoE params, {key: (value, the Hugging Face name it came from)}: router
+  [D, E], gate and up [E, D, F], down [E, F, D].
+
+  Two layouts: per expert w1, w3, w2 [F, D], [F, D], [D, F] under block_sparse_moe. (the Hub's
+  Mixtral checkpoints, and what transformers 5's save_pretrained writes by default), or, as transformers
+  5 holds them in memory (save_pretrained(save_original_format=False) writes it), a router mlp.gate and
+  the fused experts mlp.experts.gate_up_proj [E, 2F, D] (gate rows, then up rows) and down_proj [E, D, F].
+  """
+  fused = prefix + "mlp."
+  gate_up, down, router = fused + "experts.gate_up_proj", fused + "experts.down_proj", fused + "gate.weight"
+  if gate_up in tensors:
+    gate_up_EGD = tensors[gate_up]
+    width = gate_up_EGD.shape[1] // 2  # an odd width leaves gate and up unequal, which the caller refuses
+    return {
+        "router": (_required(tensors, router).T, router),
+        "gate": (gate_up_EGD[:, :width].transpose(0, 2, 1), gate_up),
+        "up": (gate_up_EGD[:, width:].transpose(0, 2, 1), gate_up),
+        "down": (_required(tensors, down).transpose(0, 2, 1), down),
+    }  # fmt: skip
+  moe = prefix + MIXTRAL_MOE
+
+  def stacked(weight: str) -> tuple[np.ndarray, str]:
+    names = [f"{moe}experts.{j}.{weight}.weight" for j in range(num_experts)]
+    return np.stack([_required(tensors, name).T for name in names]), f"{moe}experts.*.{weight}.weight"
+
+  return {"router": (_required(tensors, moe + "gate.weight").T, moe + "gate.weight"), "gate": stacked("w1"),
+          "up": stacked("w3"), "down": stacked("w2")}  # fmt: skip
+
+
 def from_hf_tensors(model: ml_collections.ConfigDict, tensors: dict[str, np.ndarray]) -> dict:
   """Hugging Face state dict -> lm params, scanned if model.scan_layers."""
   if model.family in FAMILY_TABLES:
@@ -317,9 +414,7 @@ def from_hf_tensors(model: ml_collections.ConfigDict, tensors: dict[str, np.ndar
   params: dict = {}
 
   def tensor(name: str) -> np.ndarray:
-    if name not in tensors:
-      raise ConfigError(f"weights: {name} is missing from the checkpoint")
-    return tensors[name]
+    return _required(tensors, name)
 
   def place(value: np.ndarray, path: tuple[str, ...], name: str) -> None:
     shape = tables.get(shapes, path)
@@ -331,10 +426,17 @@ def from_hf_tensors(model: ml_collections.ConfigDict, tensors: dict[str, np.ndar
     place(tensor(name).T if transpose else tensor(name), path, name)
 
   if model.family == "llama":
+    moe = model.get("num_experts", 0) > 0
     take("model.embed_tokens.weight", ("token_embed", "embedding"))
     for i in range(model.num_layers):
-      for name, path, transpose in LLAMA_LAYER:
+      for name, path, transpose in LLAMA_ATTENTION if moe else LLAMA_LAYER:
         take(f"model.layers.{i}.{name}", (f"layers_{i}", *path), transpose)
+      if moe:
+        for key, (value, name) in _experts_from_hf(tensors, f"model.layers.{i}.", model.num_experts).items():
+          shape = tables.get(shapes, (f"layers_{i}", "mlp", key))
+          if value.shape != shape:  # a reshape would silently mix the expert and feature axes
+            raise ConfigError(f"weights: {name} gives mlp/{key} of shape {value.shape}; layer {i} needs {shape}")
+          tables.put(params, (f"layers_{i}", "mlp", key), value.astype(np.float32))
     take("model.norm.weight", ("final_norm", "scale"))
   else:
     if "transformer.wte.weight" not in tensors and "wte.weight" in tensors:

@@ -87,6 +87,6 @@ class Encoder(nn.Module):
     h_BTD = layers.constrain(h_BTD, layers.ACTIVATION_AXES)
     h_BTD = layers.norm(cfg, None).apply({"params": params["mlm_norm"]}, nn.gelu(h_BTD, approximate=False))
     embedding_VD = params["token_embed"]["embedding"].astype(dtype)
-    logits_BTV = jnp.einsum("btd,vd->btv", h_BTD, embedding_VD, preferred_element_type=jnp.float32)
+    logits_BTV = layers.logits_einsum("btd,vd->btv", h_BTD.astype(dtype), embedding_VD)
     logits_BTV = logits_BTV + params["mlm_bias"].astype(jnp.float32)
     return layers.constrain(logits_BTV, ("activation_batch", "activation_length", "activation_vocab"))

@@ -163,8 +163,8 @@ class EncoderDecoder(nn.Module):
     x_BTD = x_BTD.astype(dtype)
     if cfg.tie_embeddings:
       embedding_VD = params["token_embed"]["embedding"].astype(dtype)
-      logits_BTV = jnp.einsum("btd,vd->btv", x_BTD * cfg.embed_dim**-0.5, embedding_VD, preferred_element_type=jnp.float32)
+      logits_BTV = layers.logits_einsum("btd,vd->btv", x_BTD * cfg.embed_dim**-0.5, embedding_VD)
     else:
       kernel_DV = params["lm_head"]["kernel"].astype(dtype)
-      logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, kernel_DV, preferred_element_type=jnp.float32)
+      logits_BTV = layers.logits_einsum("btd,dv->btv", x_BTD, kernel_DV)
     return layers.constrain(logits_BTV, ("activation_batch", "activation_length", "activation_vocab"))

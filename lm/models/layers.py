@@ -31,6 +31,41 @@ def constrain(x: jax.Array, logical_axes: Sequence[str]) -> jax.Array:
   return nn.with_logical_constraint(x, tuple(logical_axes))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def logits_einsum(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
+  """jnp.einsum(equation, x, w) of compute-dtype operands, accumulated and returned in float32 (logits).
+
+  The backward pass casts the float32 cotangent to the operands' dtype before its two products. Left
+  to autodiff, a bfloat16 operand meets a float32 cotangent and XLA runs both products in float32:
+  on an H100 that made the loss's backward matmuls tf32 kernels, 17 of GPT-2 124M's 123 ms a step
+  (benchmarks/RESULTS.md). In float32 this is autodiff exactly.
+  """
+  return jnp.einsum(equation, x, w, preferred_element_type=jnp.float32)
+
+
+def _logits_einsum_forward(equation, x, w):
+  return logits_einsum(equation, x, w), (x, w)
+
+
+def _logits_einsum_backward(equation, operands, cotangent):
+  x, w = operands
+  _, vjp = jax.vjp(functools.partial(jnp.einsum, equation), x, w)
+  return vjp(cotangent.astype(x.dtype))
+
+
+logits_einsum.defvjp(_logits_einsum_forward, _logits_einsum_backward)
+
+
+def scan_unroll(cfg: ModelConfig, num_layers: int) -> int:
+  """Layers per loop iteration of a scanned stack: model.scan_unroll, or for 0 (auto) every layer on a GPU
+  and one elsewhere. On an H100 the loop cost GPT-2 124M a quarter of its speed (123 vs 93 ms a step)
+  and Llama 1B 14%, in copies of the stacked weights and residuals; unrolled, the same stacked
+  parameters compile in 12 s instead of 8 (benchmarks/RESULTS.md). On TPUs and CPUs the loop stays."""
+  if cfg.scan_unroll:
+    return cfg.scan_unroll
+  return num_layers if jax.default_backend() == "gpu" else 1
+
+
 class Projection(nn.Module):
   """x [..., *contracted] @ kernel [*contracted, *features] (+ bias for GPT-2 and BERT), with named kernel axes.
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lm.models import attention, layers
+from lm.models import attention, layers, moe, pipeline
 
 _PROJECTION_NAMES = ("query_proj", "key_proj", "value_proj", "out_proj", "mlp_up", "mlp_gate", "mlp_down")
 
@@ -40,9 +40,22 @@ class Block(nn.Module):
     h_BTD = attention.Attention(cfg, self.decode, name="attn")(h_BTD, segment_ids_BT, positions_BT)
     x_BTD = x_BTD + nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=self.deterministic)
     h_BTD = layers.norm(cfg, "mlp_norm")(x_BTD)
-    h_BTD = layers.Mlp(cfg, name="mlp")(h_BTD)
+    h_BTD = (moe.MoeMlp(cfg, name="mlp") if cfg.num_experts else layers.Mlp(cfg, name="mlp"))(h_BTD)
     x_BTD = x_BTD + nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=self.deterministic)
     return layers.constrain(x_BTD, layers.ACTIVATION_AXES), None
+
+
+def pipelined_block(cfg: layers.ModelConfig):
+  """One Block as a function of its parameters, for pipeline.run: block_fn(params, x_BTD, segment_ids, positions),
+  rematerialized as cfg.remat_policy says."""
+  block = Block(cfg, parent=None)
+
+  def block_fn(params, x_BTD, segment_ids_BT, positions_BT):
+    return block.apply({"params": params}, x_BTD, segment_ids_BT, positions_BT)[0]
+
+  if cfg.remat_policy == "none":
+    return block_fn
+  return jax.checkpoint(block_fn, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
 
 
 def layer_stack(block: type[nn.Module], cfg: layers.ModelConfig, num_layers: int, num_inputs: int, decode: bool, name: str = "layers", **block_fields):
@@ -55,11 +68,11 @@ def layer_stack(block: type[nn.Module], cfg: layers.ModelConfig, num_layers: int
   if cfg.scan_layers:
     scanned = nn.scan(
         block,
-        variable_axes={"params": 0, "cache": 0},
+        variable_axes={"params": 0, "cache": 0, "intermediates": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast,) * num_inputs,
         length=num_layers,
-        unroll=cfg.scan_unroll,
+        unroll=layers.scan_unroll(cfg, num_layers),
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(cfg, decode=decode, name=name, **block_fields)
     return lambda x_BTD, *inputs: scanned(x_BTD, *inputs)[0]
@@ -105,8 +118,15 @@ class Transformer(nn.Module):
     x_BTD = nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=deterministic)
     x_BTD = layers.constrain(x_BTD, layers.ACTIVATION_AXES)
 
-    stack = layer_stack(Block, cfg, cfg.num_layers, num_inputs=2, decode=decode, deterministic=deterministic)
-    x_BTD = stack(x_BTD, segment_ids_BT, positions_BT)
+    num_stages = pipeline.stages()
+    if num_stages > 1 and not self.is_initializing() and not decode:
+      x_BTD = pipeline.run(
+          pipelined_block(cfg), self.variables["params"]["layers"], x_BTD, (segment_ids_BT, positions_BT),
+          num_stages, cfg.pipeline_microbatches or 2 * num_stages,
+      )  # fmt: skip
+    else:
+      stack = layer_stack(Block, cfg, cfg.num_layers, num_inputs=2, decode=decode, deterministic=deterministic)
+      x_BTD = stack(x_BTD, segment_ids_BT, positions_BT)
 
     x_BTD = layers.norm(cfg, "final_norm")(x_BTD)
     if self.num_classes and self.is_initializing():  # created here, applied by lm.objectives.classification
@@ -135,10 +155,10 @@ def output_logits(params: dict, cfg: layers.ModelConfig, x_BTD: jax.Array) -> ja
   x_BTD = x_BTD.astype(dtype)
   if cfg.tie_embeddings:
     embedding_VD = params["token_embed"]["embedding"].astype(dtype)
-    logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embedding_VD, preferred_element_type=jnp.float32)
+    logits_BTV = layers.logits_einsum("btd,vd->btv", x_BTD, embedding_VD)
   else:
     kernel_DV = params["lm_head"]["kernel"].astype(dtype)
-    logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, kernel_DV, preferred_element_type=jnp.float32)
+    logits_BTV = layers.logits_einsum("btd,dv->btv", x_BTD, kernel_DV)
   return layers.constrain(logits_BTV, ("activation_batch", "activation_length", "activation_vocab"))
 
 

@@ -4,6 +4,7 @@ import dataclasses
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -57,7 +58,8 @@ class Objective:
     raise NotImplementedError
 
   def loss_sums(self, params, model: nn.Module, batch: Batch, rng: jax.Array, z_loss_weight: float):
-    """(sum of the loss to minimize, (sum of weighted loss, sum of weights)) over a batch.
+    """(sum of the loss to minimize, (sum of weighted loss, sum of weights, router statistics)) over a
+    batch; `with_router_loss` adds a mixture of experts' load-balancing loss and statistics.
 
     Sums rather than means, so microbatches add up to exactly the full batch's totals.
     """
@@ -72,9 +74,10 @@ class Objective:
     raise NotImplementedError
 
 
-def hidden_states(params, model: nn.Module, batch: Batch, rng: jax.Array | None) -> jax.Array:
-  """The model's final normalized activations x_BTD (dropout on when `rng` is given)."""
-  return model.apply(
+def hidden_states(params, model: nn.Module, batch: Batch, rng: jax.Array | None) -> tuple[jax.Array, dict]:
+  """The model's final normalized activations x_BTD (dropout on when `rng` is given), and the routers'
+  statistics of a mixture-of-experts model ({} for a dense one), see `router_stats`."""
+  hidden_BTD, variables = model.apply(
       {"params": params},
       batch["inputs"],
       batch.get("segment_ids"),
@@ -82,4 +85,44 @@ def hidden_states(params, model: nn.Module, batch: Batch, rng: jax.Array | None)
       deterministic=rng is None,
       hidden_only=True,
       rngs={"dropout": rng} if rng is not None else {},
+      mutable=["intermediates"],
   )
+  return hidden_BTD, router_stats(variables.get("intermediates", {}))
+
+
+def router_stats(intermediates: dict) -> dict:
+  """What the MoE blocks sowed as "router" (stacked [L, ...] when scanned), as scalars: the load-balancing
+  loss and the fraction of dropped token choices averaged over layers, and the most and least loaded
+  expert's share of token choices times E over every layer (both 1 when perfectly balanced)."""
+  per_layer = []
+
+  def collect(tree):
+    if isinstance(tree, dict) and "aux_loss" in tree:
+      per_layer.append(tree)
+    elif isinstance(tree, (dict, tuple, list)):
+      for child in tree.values() if isinstance(tree, dict) else tree:
+        collect(child)
+
+  collect(intermediates)
+  if not per_layer:
+    return {}
+  aux_loss_L = jnp.concatenate([jnp.reshape(stats["aux_loss"], (-1,)) for stats in per_layer])
+  dropped_L = jnp.concatenate([jnp.reshape(stats["dropped"], (-1,)) for stats in per_layer])
+  num_experts = per_layer[0]["expert_load"].shape[-1]
+  load_LE = jnp.concatenate([jnp.reshape(stats["expert_load"], (-1, num_experts)) for stats in per_layer])
+  return {
+      "router_aux_loss": jnp.mean(aux_loss_L),
+      "expert_load_max": jnp.max(load_LE) * num_experts,
+      "expert_load_min": jnp.min(load_LE) * num_experts,
+      "dropped_tokens": jnp.mean(dropped_L),
+  }
+
+
+def with_router_loss(loss_sums, router: dict, model: nn.Module):
+  """An objective's (loss, (weighted loss, weights)) with the MoE load-balancing loss added, weighted by
+  model.router_aux_loss_weight per scored token (so it survives the division by the token count),
+  and the router's statistics appended for the step's metrics: (loss, (weighted loss, weights, router))."""
+  loss, (weighted_loss, weights) = loss_sums
+  if router:
+    loss = loss + model.cfg.router_aux_loss_weight * router["router_aux_loss"] * weights
+  return loss, (weighted_loss, weights, router)

@@ -88,23 +88,24 @@ class Classification(base.Objective):
     return base.Example(inputs=np.asarray(tokens, np.int32), targets=targets, weights=weights, cut=cut)
 
   def _losses(self, params, model, batch, rng):
-    """(per-position cross-entropy [B, T], class scores [B, T, K])."""
-    logits_BTK = classifier_logits(params, base.hidden_states(params, model, batch, rng))
+    """(per-position cross-entropy [B, T], class scores [B, T, K], the routers' statistics)."""
+    hidden_BTD, router = base.hidden_states(params, model, batch, rng)
+    logits_BTK = classifier_logits(params, hidden_BTD)
     log_z_BT = jax.nn.logsumexp(logits_BTK, axis=-1)
     target_logit_BT = jnp.take_along_axis(logits_BTK, batch["targets"][..., None], axis=-1)[..., 0]
-    return log_z_BT - target_logit_BT, logits_BTK
+    return log_z_BT - target_logit_BT, logits_BTK, router
 
   def loss_sums(self, params, model, batch, rng, z_loss_weight):
     del z_loss_weight  # a regularizer of the vocabulary's softmax, which this head does not use
-    cross_entropy_BT, _ = self._losses(params, model, batch, rng)
+    cross_entropy_BT, _, router = self._losses(params, model, batch, rng)
     weights_BT = batch["weights"]
     loss = jnp.sum(cross_entropy_BT * weights_BT)
-    return loss, (loss, jnp.sum(weights_BT))
+    return base.with_router_loss((loss, (loss, jnp.sum(weights_BT))), router, model)
 
   def eval_sums(self, params, model, batch, byte_lengths_V):
     """Summed loss, the number of examples, and the confusion counts [true class, predicted class]."""
     del byte_lengths_V
-    cross_entropy_BT, logits_BTK = self._losses(params, model, batch, None)
+    cross_entropy_BT, logits_BTK, _ = self._losses(params, model, batch, None)
     weights_BT = batch["weights"]
     true_BTK = jax.nn.one_hot(batch["targets"], self.num_classes) * weights_BT[..., None]
     predicted_BTK = jax.nn.one_hot(jnp.argmax(logits_BTK, axis=-1), self.num_classes)

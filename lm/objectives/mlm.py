@@ -80,13 +80,13 @@ class MaskedLM(base.Objective):
     return {**rows, "inputs": inputs_BT, "targets": tokens_BT, "weights": weights_BT}
 
   def loss_sums(self, params, model, batch, rng, z_loss_weight):
-    hidden_BTD = base.hidden_states(params, model, batch, rng)
-    return causal_lm.weighted_loss_sums(model, params, hidden_BTD, batch, z_loss_weight)
+    hidden_BTD, router = base.hidden_states(params, model, batch, rng)
+    return base.with_router_loss(causal_lm.weighted_loss_sums(model, params, hidden_BTD, batch, z_loss_weight), router, model)
 
   def eval_sums(self, params, model, batch, byte_lengths_V):
     """Weighted cross-entropy, correct predictions and chosen tokens."""
     del byte_lengths_V
-    return prediction_sums(model, params, base.hidden_states(params, model, batch, None), batch)
+    return prediction_sums(model, params, base.hidden_states(params, model, batch, None)[0], batch)
 
   def summarize(self, sums):
     """Loss (nats per chosen token), accuracy and perplexity over the chosen tokens."""

@@ -167,7 +167,7 @@ class SpanCorruption(base.Objective):
 
   def loss_sums(self, params, model, batch, rng, z_loss_weight):
     hidden_BTD = decoder_hidden_states(params, model, batch, rng)
-    return causal_lm.weighted_loss_sums(model, params, hidden_BTD, batch, z_loss_weight)
+    return base.with_router_loss(causal_lm.weighted_loss_sums(model, params, hidden_BTD, batch, z_loss_weight), {}, model)
 
   def eval_sums(self, params, model, batch, byte_lengths_V):
     """Weighted cross-entropy, correct predictions and target tokens of the decoder."""

@@ -23,6 +23,7 @@ from lm import evaluate as evaluate_lib
 from lm import metrics as metrics_lib
 from lm.data import pipeline, tfds_builder, tokenizer as tokenizer_lib
 from lm import models
+from lm.models import pipeline as pipeline_parallel
 from lm.train import checkpoint, optimizer, state as state_lib, step as step_lib
 
 
@@ -114,7 +115,7 @@ def setup(
 # what it computes (the parameters' shapes and meaning).
 _EXECUTION_FIELDS = (
     "dtype", "param_dtype", "fp8_matmuls", "attention", "cudnn_max_documents", "loss_chunk_len", "scan_unroll",
-    "remat_policy", "dropout_rate",
+    "remat_policy", "dropout_rate", "pipeline_microbatches", "expert_capacity_factor",
 )  # fmt: skip
 
 
@@ -211,6 +212,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: TrainSetup, loc
     if run.dataset:
       workdir_lib.record_dataset(workdir, run.dataset)
   evaluating = bool(config.eval.every) and run.dataset is not None
+  num_stages = run.mesh.shape.get("stage", 1)
+  if num_stages > 1:
+    in_flight = config.model.pipeline_microbatches or 2 * num_stages
+    distributed.log(
+        f"Pipeline: {config.model.num_layers // num_stages} layers on each of {num_stages} stages, {in_flight} microbatches "
+        f"in flight: each stage idles {100 * pipeline_parallel.bubble_fraction(num_stages, in_flight):.0f}% of the step (the bubble)"
+    )
   if config.eval.every and not evaluating:
     distributed.log("Not evaluating: synthetic data has no validation split")
 

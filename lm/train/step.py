@@ -50,16 +50,22 @@ def train_step(
 
   def accumulate(totals, microbatch_and_index):
     microbatch, index = microbatch_and_index
-    (_, (cross_entropy_sum, weight_sum)), grads = grad_fn(
+    (_, (cross_entropy_sum, weight_sum, router)), grads = grad_fn(
         params_f32, model, microbatch, jax.random.fold_in(rng, index), z_loss_weight
     )
-    grad_sums, total_cross_entropy, total_weight = totals
+    grad_sums, total_cross_entropy, total_weight, router_sums = totals
     grad_sums = jax.tree.map(jnp.add, grad_sums, grads)
-    return (grad_sums, total_cross_entropy + cross_entropy_sum, total_weight + weight_sum), None
+    router_sums = jax.tree.map(jnp.add, router_sums, router)
+    return (grad_sums, total_cross_entropy + cross_entropy_sum, total_weight + weight_sum, router_sums), None
 
-  zeros = (jax.tree.map(jnp.zeros_like, params_f32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
   microbatches = split_microbatches(batch, num_microbatches)
-  (grad_sums, cross_entropy_sum, weight_sum), _ = jax.lax.scan(
+  first_microbatch = jax.tree.map(lambda x: x[0], microbatches)
+  router_shapes = jax.eval_shape(lambda mb: objective.loss_sums(params_f32, model, mb, rng, z_loss_weight), first_microbatch)[1][2]
+  zeros = (
+      jax.tree.map(jnp.zeros_like, params_f32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+      jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), router_shapes),
+  )  # fmt: skip
+  (grad_sums, cross_entropy_sum, weight_sum, router_sums), _ = jax.lax.scan(
       accumulate, zeros, (microbatches, jnp.arange(num_microbatches))
   )
   num_tokens = jnp.maximum(weight_sum, 1.0)  # a batch of padding only must not divide by zero
@@ -75,6 +81,8 @@ def train_step(
       "tokens": weight_sum,
       "bad_steps_in_a_row": bad_steps_in_a_row,  # steps with NaN or Inf gradients, not applied
       "bad_steps": bad_steps,
+      # A mixture of experts' router: means over microbatches (see objectives.base.router_stats).
+      **{name: total / num_microbatches for name, total in router_sums.items()},
   }
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

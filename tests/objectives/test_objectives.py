@@ -113,7 +113,7 @@ def test_sft_loss_depends_on_response_targets_only(tiny_config):
   params = nn.unbox(model.init(jax.random.key(0), batch["inputs"], batch["segment_ids"], batch["positions"])["params"])
 
   def loss(targets):
-    total, (cross_entropy, weights) = objective.loss_sums(params, model, {**batch, "targets": targets}, None, 0.0)
+    total, (cross_entropy, weights, _) = objective.loss_sums(params, model, {**batch, "targets": targets}, None, 0.0)
     return float(cross_entropy / weights)
 
   prompt_BT = (batch["weights"] == 0) & (batch["segment_ids"] > 0)

@@ -1,5 +1,7 @@
 """The training step: loss arithmetic, gradient accumulation, and equal numbers on every mesh."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from lm.models import Transformer
+from lm.models import Transformer, layers
 from lm.objectives import causal_lm
 from lm.train import loop
 
@@ -45,6 +47,43 @@ def test_chunked_losses_and_gradients_equal_those_of_whole_logits(tiny_config, t
   whole_loss, whole_grads = jax.jit(jax.value_and_grad(whole))(params)
   np.testing.assert_allclose(chunked_loss, whole_loss, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), chunked_grads, whole_grads)
+
+
+def test_the_logits_backward_multiplies_in_the_compute_dtype():
+  """logits_einsum: float32 logits forward; backward products in the operands' dtype (not promoted to
+  float32 by the float32 cotangent), within bfloat16 rounding of the float32 gradients."""
+  x_f32 = jax.random.normal(jax.random.key(0), (2, 8, 16))
+  w_f32 = jax.random.normal(jax.random.key(1), (32, 16))
+  cotangent_f32 = jax.random.normal(jax.random.key(2), (2, 8, 32))
+
+  def grads(einsum, x, w):
+    logits, vjp = jax.vjp(lambda x, w: einsum("btd,vd->btv", x, w), x, w)
+    return logits, vjp(cotangent_f32)
+
+  reference = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+  for got, expected in zip(jax.tree.leaves(grads(layers.logits_einsum, x_f32, w_f32)), jax.tree.leaves(grads(reference, x_f32, w_f32))):
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+  x_bf16, w_bf16 = x_f32.astype(jnp.bfloat16), w_f32.astype(jnp.bfloat16)
+  logits, (dx, dw) = grads(layers.logits_einsum, x_bf16, w_bf16)
+  assert logits.dtype == jnp.float32 and dx.dtype == dw.dtype == jnp.bfloat16
+  _, (expected_dx, expected_dw) = grads(reference, x_f32, w_f32)
+  np.testing.assert_allclose(dx.astype(jnp.float32), expected_dx, rtol=0.05, atol=0.1)
+  np.testing.assert_allclose(dw.astype(jnp.float32), expected_dw, rtol=0.05, atol=0.1)
+  for einsum, expected_dtypes in ((layers.logits_einsum, {"bfloat16"}), (reference, {"bfloat16", "float32"})):
+    backward = jax.make_jaxpr(lambda x, w: grads(einsum, x, w)[1])(x_bf16, w_bf16)
+    dot_operands = [var.aval.dtype.name for eqn in _equations(backward.jaxpr) if eqn.primitive.name == "dot_general" for var in eqn.invars]
+    assert set(dot_operands) == expected_dtypes  # autodiff's own backward (the reference) multiplies in float32
+
+
+def _equations(jaxpr):
+  """Every equation of a jaxpr, those of its sub-jaxprs (custom_vjp, pjit) included."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      inner = getattr(param, "jaxpr", param)
+      if hasattr(inner, "eqns"):
+        yield from _equations(inner)
 
 
 def test_log_z_is_the_log_partition_function(tiny_config):
