@@ -27,7 +27,7 @@ import safetensors.numpy
 
 from lm.config import ConfigError, DEFAULT_CONFIG_FILE, load_config_file
 from lm.data import tokenizer as tokenizer_lib
-from lm.interop import bert, t5, tables
+from lm.interop import bert, mixtral, t5, tables
 from lm.models import transformer
 from lm.objectives import span_corruption
 
@@ -50,10 +50,6 @@ LLAMA_LAYER = LLAMA_ATTENTION + (
     ("mlp.up_proj.weight", ("mlp", "up", "kernel"), True),
     ("mlp.down_proj.weight", ("mlp", "down", "kernel"), True),
 )
-# Mixtral's MLP, as the Hub's checkpoints and transformers 5's save_pretrained name it: a router
-# (gate) and per expert j, w1 (gate), w3 (up) and w2 (down) Linear weights. transformers 5 renames
-# block_sparse_moe to mlp and fuses the experts on loading (see _experts_from_hf).
-MIXTRAL_MOE = "block_sparse_moe."
 # GPT-2's Conv1D weights are stored [in, out], as lm's kernels are; q, k and v are fused (c_attn).
 GPT2_LAYER = (
     ("ln_1.weight", ("attn_norm", "scale"), False),
@@ -98,8 +94,8 @@ def to_hf_tensors(model: ml_collections.ConfigDict, params: dict) -> dict[str, n
       for name, path, transpose in LLAMA_ATTENTION if moe else LLAMA_LAYER:
         tensors[f"model.layers.{i}.{name}"] = convert(path, tables.get(layer(i), path), transpose)
       if moe:
-        for name, value in _experts_to_hf(layer(i)["mlp"]).items():
-          tensors[f"model.layers.{i}.{MIXTRAL_MOE}{name}"] = value
+        for name, value in mixtral.experts_to_hf(layer(i)["mlp"]).items():
+          tensors[f"model.layers.{i}.{mixtral.MOE_PREFIX}{name}"] = value
     tensors["model.norm.weight"] = params["final_norm"]["scale"]
   else:
     if model.num_kv_heads != model.num_heads:
@@ -118,18 +114,6 @@ def to_hf_tensors(model: ml_collections.ConfigDict, params: dict) -> dict[str, n
   if not model.tie_embeddings:
     tensors["lm_head.weight"] = params["lm_head"]["kernel"].T
   return {name: np.ascontiguousarray(value) for name, value in tensors.items()}
-
-
-def _experts_to_hf(mlp: dict) -> dict[str, np.ndarray]:
-  """One MoE block's params (router [D, E], gate and up [E, D, F], down [E, F, D]) as Mixtral's per-expert
-  Linear weights, named after block_sparse_moe.: the layout transformers 5's save_pretrained writes, so an
-  export reads like any Mixtral checkpoint (from_pretrained fuses the experts as it loads them)."""
-  tensors = {"gate.weight": mlp["router"].T}  # [E, D]
-  for j in range(mlp["router"].shape[1]):
-    tensors[f"experts.{j}.w1.weight"] = mlp["gate"][j].T  # [F, D]
-    tensors[f"experts.{j}.w2.weight"] = mlp["down"][j].T  # [D, F]
-    tensors[f"experts.{j}.w3.weight"] = mlp["up"][j].T  # [F, D]
-  return tensors
 
 
 def _rope_scaling_to_hf(model: ml_collections.ConfigDict) -> dict | None:
@@ -168,13 +152,7 @@ def hf_config(model: ml_collections.ConfigDict, eos_id: int, bos_id: int | None 
         "rope_theta": model.rope_theta, "rope_scaling": scaling, "rope_parameters": rope,
     }  # fmt: skip
     if model.get("num_experts", 0):
-      # The capacity factor is how lm runs the experts, not part of the model: transformers is dropless.
-      return {
-          "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", **shared,
-          "num_local_experts": model.num_experts, "num_experts_per_tok": model.experts_per_token,
-          "router_aux_loss_coef": model.router_aux_loss_weight, "router_jitter_noise": 0.0, "sliding_window": None,
-          "output_router_logits": False,
-      }  # fmt: skip
+      return mixtral.hf_config(model, shared)
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", **shared, "attention_bias": False,
         "mlp_bias": False,
@@ -275,32 +253,12 @@ def _rope_field(rope: dict, rope_type: str, name: str):
   return rope[name]
 
 
-# Mixtures of experts whose blocks are not Mixtral's, so lm's MoeMlp cannot hold them.
-UNSUPPORTED_MOE = {
-    "qwen2_moe": "its MoE blocks add a shared expert to the routed ones, its attention q/k/v biases",
-    "qwen3_moe": "its attention normalizes each head's queries and keys (q_norm, k_norm)",
-}
-
-
-def _mixtral_config(hf: dict, model: ml_collections.ConfigDict) -> None:
-  """The mixture-of-experts fields of a Mixtral config.json, onto the llama-family `model`."""
-  if hf.get("sliding_window") is not None:
-    raise _unsupported(f"sliding_window={hf['sliding_window']} (lm's attention sees the whole context)")
-  if hf.get("router_jitter_noise"):  # transformers multiplies a training batch's activations by it
-    raise _unsupported(f"router_jitter_noise={hf['router_jitter_noise']}")
-  model.update(
-      num_experts=hf.get("num_local_experts", 8), experts_per_token=hf.get("num_experts_per_tok", 2),
-      # Dropless, as transformers computes: capacity (a cheaper, lossy schedule) is a choice for training.
-      expert_capacity_factor=0.0, router_aux_loss_weight=float(hf.get("router_aux_loss_coef", 0.001)),
-  )  # fmt: skip
-
-
 def model_config_from_hf(hf: dict) -> ml_collections.ConfigDict:
   """lm's `model` config section for a transformers config.json (as a dict)."""
   model = load_config_file(DEFAULT_CONFIG_FILE).model
   model_type = hf.get("model_type")
-  if model_type in UNSUPPORTED_MOE:
-    raise _unsupported(f"model_type {model_type!r} ({UNSUPPORTED_MOE[model_type]})")
+  if model_type in mixtral.UNSUPPORTED_MOE:
+    raise _unsupported(f"model_type {model_type!r} ({mixtral.UNSUPPORTED_MOE[model_type]})")
   if model_type in ("llama", "mixtral"):
     # transformers < 5 writes rope_theta and rope_scaling ("type" before 4.45), 5 and later rope_parameters;
     # given both, each reads rope_scaling.
@@ -335,7 +293,7 @@ def model_config_from_hf(hf: dict) -> ml_collections.ConfigDict:
       # transformers falls back on max_position_embeddings, as here.
       model.rope_original_max_seq_len = int(rope.get("original_max_position_embeddings") or model.max_seq_len)
     if model_type == "mixtral":
-      _mixtral_config(hf, model)
+      mixtral.model_config(hf, model)
   elif model_type in FAMILY_TABLES:
     model = FAMILY_TABLES[model_type].model_config_from_hf(hf, model)
   elif model_type == "gpt2":
@@ -370,42 +328,6 @@ def _read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
   return tensors
 
 
-def _required(tensors: dict[str, np.ndarray], name: str) -> np.ndarray:
-  if name not in tensors:
-    raise ConfigError(f"weights: {name} is missing from the checkpoint")
-  return tensors[name]
-
-
-def _experts_from_hf(tensors: dict[str, np.ndarray], prefix: str, num_experts: int) -> dict[str, tuple]:
-  """A Mixtral layer's MLP as lm's MoE params, {key: (value, the Hugging Face name it came from)}: router
-  [D, E], gate and up [E, D, F], down [E, F, D].
-
-  Two layouts: per expert w1, w3, w2 [F, D], [F, D], [D, F] under block_sparse_moe. (the Hub's
-  Mixtral checkpoints, and what transformers 5's save_pretrained writes by default), or, as transformers
-  5 holds them in memory (save_pretrained(save_original_format=False) writes it), a router mlp.gate and
-  the fused experts mlp.experts.gate_up_proj [E, 2F, D] (gate rows, then up rows) and down_proj [E, D, F].
-  """
-  fused = prefix + "mlp."
-  gate_up, down, router = fused + "experts.gate_up_proj", fused + "experts.down_proj", fused + "gate.weight"
-  if gate_up in tensors:
-    gate_up_EGD = tensors[gate_up]
-    width = gate_up_EGD.shape[1] // 2  # an odd width leaves gate and up unequal, which the caller refuses
-    return {
-        "router": (_required(tensors, router).T, router),
-        "gate": (gate_up_EGD[:, :width].transpose(0, 2, 1), gate_up),
-        "up": (gate_up_EGD[:, width:].transpose(0, 2, 1), gate_up),
-        "down": (_required(tensors, down).transpose(0, 2, 1), down),
-    }  # fmt: skip
-  moe = prefix + MIXTRAL_MOE
-
-  def stacked(weight: str) -> tuple[np.ndarray, str]:
-    names = [f"{moe}experts.{j}.{weight}.weight" for j in range(num_experts)]
-    return np.stack([_required(tensors, name).T for name in names]), f"{moe}experts.*.{weight}.weight"
-
-  return {"router": (_required(tensors, moe + "gate.weight").T, moe + "gate.weight"), "gate": stacked("w1"),
-          "up": stacked("w3"), "down": stacked("w2")}  # fmt: skip
-
-
 def from_hf_tensors(model: ml_collections.ConfigDict, tensors: dict[str, np.ndarray]) -> dict:
   """Hugging Face state dict -> lm params, scanned if model.scan_layers."""
   if model.family in FAMILY_TABLES:
@@ -414,7 +336,7 @@ def from_hf_tensors(model: ml_collections.ConfigDict, tensors: dict[str, np.ndar
   params: dict = {}
 
   def tensor(name: str) -> np.ndarray:
-    return _required(tensors, name)
+    return tables.required(tensors, name)
 
   def place(value: np.ndarray, path: tuple[str, ...], name: str) -> None:
     shape = tables.get(shapes, path)
@@ -432,7 +354,7 @@ def from_hf_tensors(model: ml_collections.ConfigDict, tensors: dict[str, np.ndar
       for name, path, transpose in LLAMA_ATTENTION if moe else LLAMA_LAYER:
         take(f"model.layers.{i}.{name}", (f"layers_{i}", *path), transpose)
       if moe:
-        for key, (value, name) in _experts_from_hf(tensors, f"model.layers.{i}.", model.num_experts).items():
+        for key, (value, name) in mixtral.experts_from_hf(tensors, f"model.layers.{i}.", model.num_experts).items():
           shape = tables.get(shapes, (f"layers_{i}", "mlp", key))
           if value.shape != shape:  # a reshape would silently mix the expert and feature axes
             raise ConfigError(f"weights: {name} gives mlp/{key} of shape {value.shape}; layer {i} needs {shape}")

@@ -102,3 +102,10 @@ def _is_shape(leaf) -> bool:
 def stack_layers(params: dict, num_layers: int) -> dict:
   """The scanned layout of unscanned params (see transformer.stack_layers)."""
   return transformer.stack_layers(params, num_layers)
+
+
+def required(tensors: dict[str, np.ndarray], name: str) -> np.ndarray:
+  """tensors[name], or a one-line ConfigError naming what the checkpoint lacks."""
+  if name not in tensors:
+    raise ConfigError(f"weights: {name} is missing from the checkpoint")
+  return tensors[name]

@@ -90,6 +90,9 @@ def hidden_states(params, model: nn.Module, batch: Batch, rng: jax.Array | None)
   return hidden_BTD, router_stats(variables.get("intermediates", {}))
 
 
+ROUTER_STATS = ("router_aux_loss", "expert_load_max", "expert_load_min", "dropped_tokens")  # scalars, see router_stats
+
+
 def router_stats(intermediates: dict) -> dict:
   """What the MoE blocks sowed as "router" (stacked [L, ...] when scanned), as scalars: the load-balancing
   loss and the fraction of dropped token choices averaged over layers, and the most and least loaded

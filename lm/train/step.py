@@ -59,12 +59,8 @@ def train_step(
     return (grad_sums, total_cross_entropy + cross_entropy_sum, total_weight + weight_sum, router_sums), None
 
   microbatches = split_microbatches(batch, num_microbatches)
-  first_microbatch = jax.tree.map(lambda x: x[0], microbatches)
-  router_shapes = jax.eval_shape(lambda mb: objective.loss_sums(params_f32, model, mb, rng, z_loss_weight), first_microbatch)[1][2]
-  zeros = (
-      jax.tree.map(jnp.zeros_like, params_f32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
-      jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), router_shapes),
-  )  # fmt: skip
+  router_zeros = {name: jnp.zeros((), jnp.float32) for name in objectives.base.ROUTER_STATS} if model.cfg.get("num_experts") else {}
+  zeros = (jax.tree.map(jnp.zeros_like, params_f32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), router_zeros)
   (grad_sums, cross_entropy_sum, weight_sum, router_sums), _ = jax.lax.scan(
       accumulate, zeros, (microbatches, jnp.arange(num_microbatches))
   )
